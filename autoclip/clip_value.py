@@ -1,0 +1,52 @@
+"""Fixed clip-by-value, with torch.nn.utils.clip_grad_value_'s semantics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autoclip.base import Clipper, Params
+from autoclip.info import ClipInfo
+
+
+class ClipValue(Clipper):
+    """Clamp every gradient element to [-clip_value, clip_value], as ``clip_grad_value_`` does.
+
+    There is no norm threshold, so ``info.threshold`` is inf; ``info.clipped`` says
+    whether any element was clamped (its largest magnitude is read back in the same
+    transfer as the norm).
+
+    Example::
+
+        clip = ClipValue(model.parameters(), clip_value=0.5)
+        loss.backward()
+        info = clip.step()
+        optimizer.step()
+    """
+
+    def __init__(self, params: Params, clip_value: float, nonfinite: str = "skip"):
+        super().__init__(params, nonfinite=nonfinite)
+        if not clip_value > 0:
+            raise ValueError(f"clip_value must be positive, got {clip_value}")
+        self.clip_value = float(clip_value)
+
+    def _extras(self, grads: list[list[Tensor]]) -> list[Tensor]:
+        flat = [g for gs in grads for g in gs]
+        if not flat:
+            return []
+        return [torch.stack([torch.linalg.vector_norm(g, math.inf).to(flat[0].device) for g in flat]).max()]
+
+    def _clip(self, grads: list[list[Tensor]], norms: list[float]) -> ClipInfo:
+        clipped = len(norms) > 1 and norms[-1] > self.clip_value
+        if clipped:
+            torch.nn.utils.clip_grad_value_([p for group in self.groups for p in group], self.clip_value)
+        return ClipInfo(norms[0], math.inf, clipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "clip_value": self.clip_value}
+
+    def extra_repr(self) -> str:
+        return f"clip_value={self.clip_value:g}, " + super().extra_repr()

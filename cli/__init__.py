@@ -1,0 +1,1 @@
+"""The ``dyn`` command line. Heavy imports (torch, matplotlib) happen inside the commands."""
