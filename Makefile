@@ -16,8 +16,16 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup demo test lint bench
 setup: $(VENV)/.installed
 
+# The main job: a clipped (AutoClip p=10) and an unclipped (p=100) run of the built-in task,
+# side by side on two cores, then their summary. runs/demo is the demo's own output: redone each time.
+DEMO := runs/demo
 demo: setup
-	$(PY) -m autoclip
+	rm -rf $(DEMO)
+	mkdir -p $(DEMO)
+	$(VENV)/bin/dyn record --p 100 --out $(DEMO)/p100 2>$(DEMO)/p100.log & \
+	$(VENV)/bin/dyn record --p 10 --out $(DEMO)/autoclip-p10 || exit 1; \
+	wait $$! || { cat $(DEMO)/p100.log; exit 1; }
+	$(VENV)/bin/dyn compare $(DEMO)/autoclip-p10 $(DEMO)/p100
 
 test: setup
 	$(PY) -m pytest -q
@@ -28,3 +36,4 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/autoclip_overhead.py
+	$(PY) benchmarks/record_overhead.py

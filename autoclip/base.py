@@ -66,9 +66,7 @@ class Clipper:
         """Measure the gradient norm and clip in place. Call after backward, before optimizer.step()."""
         self.steps += 1
         grads = self.grads()
-        norms = grad_norms(
-            grads if self.per_group else [[g for gs in grads for g in gs]], self._extras(grads)
-        )
+        norms = grad_norms(grads if self.per_group else [[g for gs in grads for g in gs]], self._extras(grads))
         if math.isfinite(norms[0]):
             return self._clip(grads, norms)
         self.nonfinite_steps += 1

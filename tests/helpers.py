@@ -18,9 +18,7 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     ).to(dtype)
 
 
-def batches(
-    n: int, seed: int = 1, dtype: torch.dtype = torch.float32
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Regression batches whose gradient norms vary a lot (every 7th batch is scaled up)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -60,6 +58,4 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def total_norm(tensors) -> float:
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
-    ).item()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])).item()

@@ -263,6 +263,4 @@ def test_bad_arguments_are_rejected():
         AutoClip([])
     clip = AutoClip(model.parameters(), per_group=True)
     with pytest.raises(ValueError, match="histories"):
-        clip.load_state_dict(
-            AutoClip([{"params": [p]} for p in model.parameters()], per_group=True).state_dict()
-        )
+        clip.load_state_dict(AutoClip([{"params": [p]} for p in model.parameters()], per_group=True).state_dict())

@@ -236,9 +236,7 @@ def scenario_fsdp_per_group(rank: int) -> dict:
         opt.zero_grad(set_to_none=True)
         _loss(model, _batch(t, rank, 5, 1)).backward()
         info = clip.step()
-        out["clipped_group_norms"].append(
-            [_global_norm64([p.grad for p in g["params"]]) for g in opt.param_groups]
-        )
+        out["clipped_group_norms"].append([_global_norm64([p.grad for p in g["params"]]) for g in opt.param_groups])
         out["grads"].append(_full_grads(model))
         out["ref_grads"].append(_plain_grads(ref))
         opt.step()
@@ -371,9 +369,7 @@ def _results(out_dir: Path, name: str) -> list:
 
 
 def _assert_rel(actual, expected, rtol: float, what: str) -> None:
-    np.testing.assert_allclose(
-        np.asarray(actual, float), np.asarray(expected, float), rtol=rtol, atol=0, err_msg=what
-    )
+    np.testing.assert_allclose(np.asarray(actual, float), np.asarray(expected, float), rtol=rtol, atol=0, err_msg=what)
 
 
 def _assert_grads_close(grads, ref_grads, rtol: float, what: str) -> None:
@@ -415,9 +411,7 @@ def test_ddp_norm_is_the_averaged_gradient_of_the_full_batch(runs):
         _assert_rel(r["norm"], r["own_norm"], 1e-6, "AutoClip norm vs float64 norm of the DDP gradients")
         # ... which is the one-process gradient of the mean loss over batch 2B (SPEC 8).
         _assert_rel(r["norm"], r["ref_norm"], 1e-5, "DDP norm vs one process on the full batch")
-        _assert_rel(
-            r["threshold"], r["ref_threshold"], 1e-5, "DDP threshold vs one process on the full batch"
-        )
+        _assert_rel(r["threshold"], r["ref_threshold"], 1e-5, "DDP threshold vs one process on the full batch")
 
 
 # -- FSDP2 (fully_shard, DTensor gradients) --------------------------------------------------------
@@ -428,9 +422,7 @@ def test_fsdp2_grad_norm_is_the_global_norm(runs):
     results = _results(runs, "fsdp_autoclip")
     for rank, r in enumerate(results):
         # Not the local shard's norm: the norm of the unsharded model's (rank-averaged) gradient.
-        _assert_rel(
-            r["norm"], r["ref_norm"], 1e-5, f"rank {rank}: FSDP2 grad_norm vs unsharded gradient norm"
-        )
+        _assert_rel(r["norm"], r["ref_norm"], 1e-5, f"rank {rank}: FSDP2 grad_norm vs unsharded gradient norm")
     assert results[0]["norm"] == results[1]["norm"]
     assert results[0]["threshold"] == results[1]["threshold"]
 
@@ -466,9 +458,7 @@ def test_fsdp2_per_group(runs):
         thresholds = np.asarray(r["group_thresholds"])
         assert group_norms.shape == (FSDP_STEPS, 2)
         _assert_rel(group_norms, r["ref_group_norms"], 1e-5, f"rank {rank}: group norms vs unsharded")
-        _assert_rel(
-            r["norm"], np.sqrt((group_norms**2).sum(axis=1)), 1e-6, f"rank {rank}: total vs group norms"
-        )
+        _assert_rel(r["norm"], np.sqrt((group_norms**2).sum(axis=1)), 1e-6, f"rank {rank}: total vs group norms")
         for k in range(2):
             expected = [np.percentile(group_norms[: t + 1, k], P) for t in range(FSDP_STEPS)]
             _assert_rel(thresholds[:, k], expected, 1e-12, f"rank {rank}: group {k} threshold vs numpy")

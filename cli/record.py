@@ -1,0 +1,224 @@
+"""``dyn record``: train the built-in separation task and record its dynamics."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cli.errors import fail
+
+
+def _default_out(p, clip_norm, clip_value, no_clip) -> Path:
+    if no_clip:
+        stem = "noclip"
+    elif clip_norm is not None:
+        stem = f"clipnorm{clip_norm:g}"
+    elif clip_value is not None:
+        stem = f"clipvalue{clip_value:g}"
+    else:
+        stem = f"autoclip-p{p:g}"
+    base = Path("runs") / stem
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{stem}-{k}")
+    return path
+
+
+@click.command("record")
+@click.option(
+    "--p", "p", type=float, default=None, help="AutoClip percentile in [0, 100] (default 10; 100: no clipping)."
+)
+@click.option("--window", type=int, default=None, help="AutoClip: keep only the last W gradient norms.")
+@click.option("--clip-norm", type=float, default=None, help="Fixed clip-by-norm threshold instead of AutoClip.")
+@click.option("--clip-value", type=float, default=None, help="Fixed clip-by-value bound instead of AutoClip.")
+@click.option("--no-clip", is_flag=True, help="No clipping (the norm is still recorded).")
+@click.option("--steps", type=int, default=6000, show_default=True, help="Optimizer steps in all.")
+@click.option("--every", type=int, default=20, show_default=True, help="Record every N steps.")
+@click.option("--probes", type=int, default=1, show_default=True, help="Gradient probes per smoothness estimate.")
+@click.option(
+    "--direction",
+    type=click.Choice(["update", "gradient"]),
+    default="update",
+    show_default=True,
+    help="Probe along the actual update or along the gradient.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default runs/<clipper>).")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Continue the run in this directory from its checkpoint.",
+)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="A WSJ0-2mix folder (mix/, s1/, s2/).")
+@click.option("--layers", type=int, default=2, show_default=True, help="BLSTM layers.")
+@click.option("--hidden", type=int, default=64, show_default=True, help="BLSTM units per direction (paper: 300).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--eval-every", type=int, default=1000, show_default=True, help="Evaluate SI-SDR every N steps.")
+@click.option("--checkpoint-every", type=int, default=200, show_default=True)
+@click.option("--train-mixtures", type=int, default=512, show_default=True, help="Synthetic training mixtures.")
+@click.option("--eval-mixtures", type=int, default=64, show_default=True, help="Synthetic held-out mixtures.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="torch CPU threads (one is fastest for the small default network).",
+)
+def record(
+    p,
+    window,
+    clip_norm,
+    clip_value,
+    no_clip,
+    steps,
+    every,
+    probes,
+    direction,
+    seed,
+    out,
+    resume_dir,
+    data,
+    layers,
+    hidden,
+    batch_size,
+    lr,
+    eval_every,
+    checkpoint_every,
+    train_mixtures,
+    eval_mixtures,
+    device,
+    threads,
+):
+    """Train the built-in separation task and record its dynamics into a run directory."""
+    if threads < 1:
+        fail(f"--threads must be a positive integer, got {threads}")
+    if resume_dir is not None:
+        return _resume(resume_dir, threads)
+    chosen = [p is not None, clip_norm is not None, clip_value is not None, no_clip]
+    if sum(chosen) > 1:
+        fail("choose one of --p, --clip-norm, --clip-value, --no-clip")
+    if p is None and not any(chosen):
+        p = 10.0
+    if p is not None and not 0.0 <= p <= 100.0:
+        fail(f"--p must be in [0, 100], got {p:g}")
+    for name, value in (
+        ("--steps", steps),
+        ("--every", every),
+        ("--layers", layers),
+        ("--hidden", hidden),
+        ("--batch-size", batch_size),
+        ("--checkpoint-every", checkpoint_every),
+        ("--train-mixtures", train_mixtures),
+        ("--eval-mixtures", eval_mixtures),
+    ):
+        if value < 1:
+            fail(f"{name} must be a positive integer, got {value}")
+    if probes < 0 or eval_every < 0:
+        fail("--probes and --eval-every must be >= 0")
+    if window is not None and (window < 1 or p is None):
+        fail("--window needs --p and a positive size")
+    if clip_norm is not None and clip_norm <= 0 or clip_value is not None and clip_value <= 0:
+        fail("--clip-norm and --clip-value must be positive")
+    if not lr > 0:
+        fail(f"--lr must be positive, got {lr:g}")
+    if data is not None:
+        for sub in ("mix", "s1", "s2"):
+            if not (data / sub).is_dir() and not (data / "tr" / sub).is_dir():
+                fail(f"--data {data}: not a WSJ0-2mix folder (no {sub}/ inside)")
+    out = out if out is not None else _default_out(p, clip_norm, clip_value, no_clip)
+    if (out / "config.json").exists():
+        fail(f"--out {out} already holds a run: use --resume {out} to continue it, or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"--out {out} exists and is not an empty directory")
+    _device_ok(device)
+    from dynamics.train import TaskOptions
+
+    opts = TaskOptions(
+        steps=steps,
+        every=every,
+        probes=probes,
+        direction=direction,
+        seed=seed,
+        p=p,
+        window=window,
+        clip_norm=clip_norm,
+        clip_value=clip_value,
+        no_clip=no_clip,
+        layers=layers,
+        hidden=hidden,
+        batch_size=batch_size,
+        lr=lr,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        train_mixtures=train_mixtures,
+        eval_mixtures=eval_mixtures,
+        data=str(data) if data is not None else None,
+        device=device,
+    )
+    _run(opts, out, resume=False, threads=threads)
+
+
+def _device_ok(device: str) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {device}: {str(e).splitlines()[0]}")
+
+
+def _resume(run_dir: Path, threads: int) -> None:
+    from dynamics.run import RunError, read_config
+    from dynamics.train import TaskOptions
+
+    try:
+        config = read_config(run_dir)
+    except RunError as e:
+        fail(str(e))
+    if config.get("status") == "finished":
+        fail(f"{run_dir} is a finished run: nothing to resume")
+    if "task" not in config:
+        fail(f"{run_dir} was not recorded by dyn record: resume it from your own script")
+    if not (run_dir / "checkpoint.pt").exists():
+        fail(f"{run_dir} has no checkpoint yet: nothing to resume from")
+    _run(TaskOptions.from_dict(config["task"]), run_dir, resume=True, threads=threads)
+
+
+def _run(opts, out: Path, resume: bool, threads: int) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from dynamics.run import RunError
+    from dynamics.train import record as record_task
+
+    torch.set_num_threads(threads)
+    bar = tqdm(
+        total=opts.steps,
+        desc=f"{opts.clipper_name()}",
+        unit="step",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+
+    def progress(t: int, loss, threshold: float) -> None:
+        if bar.n == 0 and t > 1:
+            bar.update(t - 1)
+        bar.update(1)
+        if t % 20 == 0 or t == opts.steps:
+            bar.set_postfix(loss=f"{loss.item():.4g}", threshold=f"{threshold:.4g}", refresh=False)
+
+    try:
+        record_task(opts, out, resume=resume, progress=progress, config={"command": sys.argv})
+    except (RunError, ValueError) as e:
+        fail(str(e))
+    finally:
+        bar.close()
+    click.echo(str(out))

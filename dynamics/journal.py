@@ -1,0 +1,131 @@
+"""A crash-safe, append-only table: Arrow IPC stream segments, compacted to Parquet on close.
+
+A Parquet file is unreadable until its footer is written, so rows go to an Arrow IPC
+stream first: every complete record batch in a stream stays readable after the writer
+is killed. Each process that appends opens a new segment (``NAME.00000.arrows``,
+``NAME.00001.arrows``, ...), since a stream cannot be reopened for appending. A
+checkpoint records every segment's size; resuming truncates the segments to those
+sizes, so rows written after the checkpoint are dropped and written again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def segments(directory: Path, name: str) -> list[Path]:
+    """The journal segments of table ``name``, oldest first."""
+    return sorted(directory.glob(f"{name}.*.arrows"))
+
+
+def read_segment(path: Path) -> list[pa.RecordBatch]:
+    """Every complete record batch of one stream; a torn tail (a killed writer) is dropped."""
+    batches = []
+    with open(path, "rb") as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except (pa.ArrowException, OSError):  # not even the schema made it to disk
+            return batches
+        while True:
+            try:
+                batches.append(reader.read_next_batch())
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError):
+                break
+    return batches
+
+
+def read_table(directory: Path, name: str, schema: pa.Schema | None = None) -> pa.Table | None:
+    """All rows journalled for ``name``; None if nothing was written."""
+    batches = [b for path in segments(directory, name) for b in read_segment(path)]
+    if not batches:
+        return schema.empty_table() if schema is not None else None
+    return pa.Table.from_batches(batches)
+
+
+class Journal:
+    """Appends record batches of one table to a new stream segment, flushed after every write.
+
+    Example::
+
+        j = Journal(run_dir / "journal", "metrics", schema)
+        j.write({"step": [20], "loss": [0.5]})
+        j.close()
+    """
+
+    def __init__(self, directory: Path, name: str, schema: pa.Schema | None = None):
+        self.directory = Path(directory)
+        self.name = name
+        self.schema = schema
+        self.rows = 0
+        self._sink = None
+        self._writer = None
+
+    def _open(self, schema: pa.Schema) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = segments(self.directory, self.name)
+        index = int(existing[-1].name.split(".")[-2]) + 1 if existing else 0
+        self.path = self.directory / f"{self.name}.{index:05d}.arrows"
+        self._sink = open(self.path, "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._sink.flush()
+
+    def write(self, columns: dict[str, list] | pa.RecordBatch) -> None:
+        """Append one batch of rows and hand it to the OS (it survives the process being killed)."""
+        if isinstance(columns, pa.RecordBatch):
+            batch = columns
+        elif self.schema is not None:
+            # typed arrays column by column: about twice as fast as from_pydict on small batches
+            arrays = [pa.array(columns[f.name], type=f.type) for f in self.schema]
+            batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        else:
+            batch = pa.RecordBatch.from_pydict(columns)
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self.schema = self.schema or batch.schema
+            self._open(self.schema)
+        self._writer.write_batch(batch)
+        self._sink.flush()
+        self.rows += batch.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+
+def sizes(directory: Path) -> dict[str, int]:
+    """Byte size of every segment in a journal directory (recorded in checkpoints)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return {}
+    return {p.name: p.stat().st_size for p in sorted(directory.glob("*.arrows"))}
+
+
+def rewind(directory: Path, recorded: dict[str, int]) -> None:
+    """Cut a journal back to the sizes a checkpoint recorded: later rows and segments go."""
+    directory = Path(directory)
+    for path in sorted(directory.glob("*.arrows")):
+        size = recorded.get(path.name)
+        if size is None:
+            path.unlink()
+        elif path.stat().st_size > size:
+            os.truncate(path, size)
+
+
+def compact(directory: Path, name: str, out: Path, schema: pa.Schema | None = None) -> pa.Table | None:
+    """Write every journalled row of ``name`` to one Parquet file, atomically."""
+    table = read_table(directory, name, schema)
+    if table is None:
+        return None
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    return table

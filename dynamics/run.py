@@ -1,0 +1,156 @@
+"""The run directory: config.json, journal/ while running, one Parquet file per table once closed.
+
+RUN_DIR/config.json      what is needed to rerun, plus status ("running" or "finished")
+RUN_DIR/journal/         Arrow IPC segments, while the run is open (crash-safe)
+RUN_DIR/metrics.parquet  (and steps, layers, eval) once the run has closed
+RUN_DIR/checkpoint.pt    the latest checkpoint, written atomically
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dynamics import journal
+
+SCHEMA_VERSION = 1
+TABLES = ("metrics", "steps", "layers", "eval")
+
+SCHEMAS = {
+    "metrics": pa.schema(
+        [
+            ("step", pa.int64()),
+            ("epoch", pa.int64()),
+            ("time_s", pa.float64()),
+            ("loss", pa.float64()),
+            ("grad_norm", pa.float64()),
+            ("threshold", pa.float64()),
+            ("clip_coef", pa.float64()),
+            ("clipped", pa.bool_()),
+            ("step_size", pa.float64()),
+            ("smoothness", pa.float64()),
+            ("lr", pa.float64()),
+        ]
+    ),
+    "steps": pa.schema(
+        [
+            ("step", pa.int64()),
+            ("loss", pa.float64()),
+            ("grad_norm", pa.float64()),
+            ("threshold", pa.float64()),
+            ("clipped", pa.bool_()),
+        ]
+    ),
+    "layers": pa.schema(
+        [
+            ("step", pa.int64()),
+            ("name", pa.string()),
+            ("grad_norm", pa.float64()),
+            ("step_size", pa.float64()),
+            ("param_norm", pa.float64()),
+        ]
+    ),
+    "eval": None,  # the task's metrics, whatever they are, after a "step" column
+}
+
+
+class RunError(ValueError):
+    """A run directory that is missing, is no run, or holds a corrupt table."""
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: not a directory")
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise RunError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: corrupt config ({e})") from None
+    if not isinstance(config, dict) or "schema_version" not in config:
+        raise RunError(f"{path}: not a dyn run config (no schema_version)")
+    return config
+
+
+@dataclass
+class Run:
+    """A loaded run: its config and its tables as pandas DataFrames sorted by step."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: Any
+    steps: Any
+    layers: Any
+    eval: Any
+    status: str = "finished"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or self.path.name
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.status!r}, metrics={len(self.metrics)} rows)"
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise RunError(f"{path}: corrupt table ({str(e).splitlines()[0]})") from None
+
+
+def _frame(table: pa.Table | None, name: str):
+    import pandas as pd
+
+    if table is None:
+        schema = SCHEMAS[name]
+        table = schema.empty_table() if schema is not None else pa.table({"step": pa.array([], pa.int64())})
+    frame = table.to_pandas()
+    if "step" not in frame.columns:
+        raise RunError(f"table {name} has no step column")
+    keys = ["step", "name"] if name == "layers" else ["step"]
+    frame = frame.drop_duplicates(subset=keys, keep="last").sort_values(keys, kind="stable")
+    return frame.reset_index(drop=True) if isinstance(frame, pd.DataFrame) else frame
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Load a run that has closed, is still running, or was killed (even with SIGKILL)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    journal_dir = run_dir / "journal"
+    tables = {}
+    for name in TABLES:
+        parquet = run_dir / f"{name}.parquet"
+        if config.get("status") == "finished" and parquet.exists():
+            tables[name] = _read_parquet(parquet)
+        elif journal_dir.exists():
+            tables[name] = journal.read_table(journal_dir, name, SCHEMAS[name])
+        elif parquet.exists():
+            tables[name] = _read_parquet(parquet)
+        else:
+            tables[name] = None
+    return Run(
+        path=run_dir,
+        config=config,
+        status=config.get("status", "unknown"),
+        **{name: _frame(tables[name], name) for name in TABLES},
+    )

@@ -1,0 +1,67 @@
+"""Local gradient-Lipschitz ("smoothness") estimate along the update (after Zhang et al., 2020).
+
+L_t = max_k ||g(theta_{t-1} + gamma_k d) - g(theta_{t-1})|| / (gamma_k ||d||),  gamma_k = k / (K + 1),
+
+with d = theta_t - theta_{t-1} the actual update, g the gradient of the same loss on the
+same batch with the same dropout masks. On f = 1/2 theta^T A theta it is ||A d|| / ||d||.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dynamics.checkpoint import set_rng_state
+
+
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """L2 norm of tensors viewed as one vector, on the device (no sync)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+@torch.no_grad()
+def smoothness(
+    params: list[Tensor],
+    closure: Callable[[], Tensor],
+    before: list[Tensor],
+    grad_before: list[Tensor],
+    rng: dict,
+    probes: int = 1,
+    direction: str = "update",
+    device: torch.device | None = None,
+) -> Tensor:
+    """The estimate as a 0-dim device tensor (NaN when the update is zero).
+
+    ``params`` hold theta_t and are left holding it (restored by copying saved values);
+    ``before`` is theta_{t-1}, ``grad_before`` the raw gradient there, ``rng`` the random
+    state the training forward pass started from (replayed so dropout masks match).
+    The caller restores its own RNG stream and buffers afterwards.
+    """
+    after = [p.detach().clone() for p in params]
+    d = torch._foreach_sub(after, before)
+    if direction == "gradient":
+        # Santurkar et al.: probe along -g, as far as the update actually went
+        scale = total_norm(d) / total_norm(grad_before)
+        d = torch._foreach_mul(grad_before, -scale)
+    elif direction != "update":
+        raise ValueError(f"direction must be 'update' or 'gradient', got {direction!r}")
+    d_norm = total_norm(d)
+    best = torch.full((), float("nan"), device=d_norm.device, dtype=d_norm.dtype)
+    for k in range(1, probes + 1):
+        gamma = k / (probes + 1)
+        for p, b, dd in zip(params, before, d):
+            p.copy_(b + gamma * dd)
+        set_rng_state(rng, device)
+        with torch.enable_grad():
+            loss = closure()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        ratio = total_norm(torch._foreach_sub(grads, grad_before)) / (gamma * d_norm)
+        best = torch.fmax(best, ratio)  # fmax: the first probe replaces the NaN start
+    for p, a in zip(params, after):
+        p.copy_(a)
+    return torch.where(d_norm > 0, best, torch.full_like(best, float("nan")))
