@@ -17,15 +17,18 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: a clipped (AutoClip p=10) and an unclipped (p=100) run of the built-in task,
-# side by side on two cores, then their summary. runs/demo is the demo's own output: redone each time.
+# side by side on two cores, then their summary and figures (docs/, shown in the README).
+# runs/demo is the demo's own output: redone each time.
 DEMO := runs/demo
 demo: setup
 	rm -rf $(DEMO)
-	mkdir -p $(DEMO)
+	mkdir -p $(DEMO) docs
 	$(VENV)/bin/dyn record --p 100 --out $(DEMO)/p100 2>$(DEMO)/p100.log & \
 	$(VENV)/bin/dyn record --p 10 --out $(DEMO)/autoclip-p10 || exit 1; \
 	wait $$! || { cat $(DEMO)/p100.log; exit 1; }
-	$(VENV)/bin/dyn compare $(DEMO)/autoclip-p10 $(DEMO)/p100
+	$(VENV)/bin/dyn compare $(DEMO)/autoclip-p10 $(DEMO)/p100 --out docs/compare.png
+	$(VENV)/bin/dyn plot $(DEMO)/p100 $(DEMO)/autoclip-p10 --out docs/fig1.png
+	$(VENV)/bin/dyn animate $(DEMO)/autoclip-p10 --out docs/threshold.gif
 
 test: setup
 	$(PY) -m pytest -q

@@ -48,10 +48,21 @@ def print_table(rows: list[dict], columns) -> None:
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print a CSV table.")
-def compare(run_dirs, as_json, as_csv):
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also draw an overlay figure (.png, .pdf or .svg).",
+)
+def compare(run_dirs, as_json, as_csv, out):
     """Compare runs: final loss, step size, r-value, clipping, threshold, SI-SDRi."""
     if as_json and as_csv:
         fail("choose one of --json and --csv")
+    if out is not None:
+        from cli.plot import check_figure_path
+
+        check_figure_path(out)
     from dynamics.summary import COLUMNS, json_safe, summarize
 
     runs = load_runs(run_dirs)
@@ -70,6 +81,14 @@ def compare(run_dirs, as_json, as_csv):
         writer.writerows(rows)
     else:
         print_table(rows, COLUMNS)
+    if out is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from figures.compare import comparison_figure
+
+        comparison_figure(runs).savefig(out, dpi=150)
+        click.echo(f"figure: {out}", err=True)
 
 
 @click.command("info")
@@ -87,7 +106,8 @@ def info(run_dir):
     click.echo(f"clipper    {clipper.get('kind', '?')} ({settings})")
     click.echo(f"optimizer  {c.get('optimizer', {}).get('kind', '?')}, lr {c.get('optimizer', {}).get('lr', '?')}")
     model = c.get("model", {})
-    click.echo(f"model      {model.get('kind', '?')}, {model.get('parameters', '?'):,} parameters")
+    n = model.get("parameters")
+    click.echo(f"model      {model.get('kind', '?')}, {f'{n:,}' if isinstance(n, int) else '?'} parameters")
     if "task" in c:
         t = c["task"]
         data = t.get("data") or "synthetic mixtures"

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import click
 
 from cli.compare import compare, info
 from cli.errors import run_group
+from cli.plot import animate, plot
 from cli.record import record
 
 
-def _version() -> str:
-    try:
-        return version("dyn")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), prog_name="dyn")
+@click.version_option(package_name="dyn", prog_name="dyn")  # looked up only for --version
 def dyn() -> None:
     """Study training dynamics with AutoClip: record runs, then plot and compare them."""
 
@@ -27,6 +19,8 @@ def dyn() -> None:
 dyn.add_command(record)
 dyn.add_command(compare)
 dyn.add_command(info)
+dyn.add_command(plot)
+dyn.add_command(animate)
 
 
 def main() -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from cli.errors import fail
+from cli.errors import EXIT_BAD_INPUT, fail
 
 
 def _default_out(p, clip_norm, clip_value, no_clip) -> Path:
@@ -64,6 +65,15 @@ def _default_out(p, clip_norm, clip_value, no_clip) -> Path:
 @click.option("--train-mixtures", type=int, default=512, show_default=True, help="Synthetic training mixtures.")
 @click.option("--eval-mixtures", type=int, default=64, show_default=True, help="Synthetic held-out mixtures.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes to train on (torch.distributed, DDP); --batch-size is per process.",
+)
+@click.option("--fsdp", is_flag=True, help="With --nproc: shard with FSDP2 (fully_shard) instead of DDP.")
 @click.option(
     "--threads",
     type=int,
@@ -94,11 +104,16 @@ def record(
     train_mixtures,
     eval_mixtures,
     device,
+    dtype,
+    nproc,
+    fsdp,
     threads,
 ):
     """Train the built-in separation task and record its dynamics into a run directory."""
     if threads < 1:
         fail(f"--threads must be a positive integer, got {threads}")
+    if nproc < 1:
+        fail(f"--nproc must be a positive integer, got {nproc}")
     if resume_dir is not None:
         return _resume(resume_dir, threads)
     chosen = [p is not None, clip_norm is not None, clip_value is not None, no_clip]
@@ -133,9 +148,11 @@ def record(
             if not (data / sub).is_dir() and not (data / "tr" / sub).is_dir():
                 fail(f"--data {data}: not a WSJ0-2mix folder (no {sub}/ inside)")
     out = out if out is not None else _default_out(p, clip_norm, clip_value, no_clip)
-    if (out / "config.json").exists():
+    if _in_worker():
+        nproc = int(os.environ["WORLD_SIZE"])  # torchrun decides; the parent checked the rest
+    elif (out / "config.json").exists():
         fail(f"--out {out} already holds a run: use --resume {out} to continue it, or choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"--out {out} exists and is not an empty directory")
     _device_ok(device)
     from dynamics.train import TaskOptions
@@ -161,7 +178,12 @@ def record(
         eval_mixtures=eval_mixtures,
         data=str(data) if data is not None else None,
         device=device,
+        dtype=dtype,
+        nproc=nproc,
+        fsdp=fsdp,
     )
+    if nproc > 1 and not _in_worker():
+        return _launch(nproc, ["--out", str(out)])
     _run(opts, out, resume=False, threads=threads)
 
 
@@ -188,10 +210,60 @@ def _resume(run_dir: Path, threads: int) -> None:
         fail(f"{run_dir} was not recorded by dyn record: resume it from your own script")
     if not (run_dir / "checkpoint.pt").exists():
         fail(f"{run_dir} has no checkpoint yet: nothing to resume from")
-    _run(TaskOptions.from_dict(config["task"]), run_dir, resume=True, threads=threads)
+    opts = TaskOptions.from_dict(config["task"])
+    if opts.nproc > 1 and not _in_worker():
+        return _launch(opts.nproc, [])
+    _run(opts, run_dir, resume=True, threads=threads)
+
+
+def _in_worker() -> bool:
+    """True inside a process that torchrun started."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts workers in sessions of their own, so killing the launcher would leave them
+    running, still writing the run. Ask Linux to kill this worker when its launcher dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before the request
+        os._exit(1)
+
+
+def _launch(nproc: int, extra: list[str]) -> None:
+    """Run this same command on ``nproc`` local processes (torchrun --standalone), exiting with their code."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "cli", *sys.argv[1:], *extra)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        sys.exit(EXIT_BAD_INPUT if EXIT_BAD_INPUT in codes else max(codes, default=1))
 
 
 def _run(opts, out: Path, resume: bool, threads: int) -> None:
+    if _in_worker():
+        _die_with_launcher()
     import torch
     from tqdm import tqdm
 
@@ -204,7 +276,7 @@ def _run(opts, out: Path, resume: bool, threads: int) -> None:
         desc=f"{opts.clipper_name()}",
         unit="step",
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or int(os.environ.get("RANK", "0")) != 0,
         dynamic_ncols=True,
     )
 
@@ -221,4 +293,5 @@ def _run(opts, out: Path, resume: bool, threads: int) -> None:
         fail(str(e))
     finally:
         bar.close()
-    click.echo(str(out))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(str(out))

@@ -1,7 +1,23 @@
-"""dynamics: record step size, gradient norm, loss, smoothness and threshold along training."""
+"""dynamics: record step size, gradient norm, loss, smoothness and threshold along training.
 
-from dynamics.recorder import Recorder
-from dynamics.run import Run, RunError, load_run
-from dynamics.smoothness import smoothness
+Names are imported on first use, so reading runs (``load_run``) does not import torch.
+"""
 
-__all__ = ["Recorder", "Run", "RunError", "load_run", "smoothness"]
+from importlib import import_module
+
+_NAMES = {
+    "Recorder": "dynamics.recorder",
+    "Run": "dynamics.run",
+    "RunError": "dynamics.run",
+    "load_run": "dynamics.run",
+    "save_run": "dynamics.run",
+    "smoothness": "dynamics.smoothness",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'dynamics' has no attribute {name!r}")

@@ -120,11 +120,11 @@ def rewind(directory: Path, recorded: dict[str, int]) -> None:
             os.truncate(path, size)
 
 
-def compact(directory: Path, name: str, out: Path, schema: pa.Schema | None = None) -> pa.Table | None:
-    """Write every journalled row of ``name`` to one Parquet file, atomically."""
+def compact(directory: Path, name: str, out: Path, schema: pa.Schema | None = None) -> pa.Table:
+    """Write every journalled row of ``name`` to one Parquet file, atomically (an empty table too)."""
     table = read_table(directory, name, schema)
     if table is None:
-        return None
+        table = pa.table({"step": pa.array([], pa.int64())})
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, out)

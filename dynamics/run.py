@@ -154,3 +154,31 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         status=config.get("status", "unknown"),
         **{name: _frame(tables[name], name) for name in TABLES},
     )
+
+
+def save_run(run_dir: str | os.PathLike, config: dict[str, Any], **tables: Any) -> Path:
+    """Write a finished run from tables you already have (pandas DataFrames by table name).
+
+    Useful to plot or compare dynamics logged elsewhere: ``metrics`` needs at least the
+    columns the figures read (step, loss, grad_norm, threshold, step_size, smoothness).
+
+    Example::
+
+        save_run("runs/imported", {"clipper": {"kind": "AutoClip", "p": 10.0}}, metrics=frame)
+    """
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").exists():
+        raise RunError(f"{run_dir} already holds a run")
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise ValueError(f"unknown tables {sorted(unknown)}; the tables are {TABLES}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        tmp = run_dir / f"{name}.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, run_dir / f"{name}.parquet")
+    write_json(run_dir / "config.json", {**config, "schema_version": SCHEMA_VERSION, "status": "finished"})
+    return run_dir

@@ -14,13 +14,17 @@ import torch
 from torch import Tensor
 
 from dynamics.checkpoint import set_rng_state
+from dynamics.distributed import full
+
+
+def norms(tensors: list[Tensor]) -> Tensor:
+    """Each tensor's L2 norm, stacked (global norms for FSDP2 shards), on the device (no sync)."""
+    return full(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 def total_norm(tensors: list[Tensor]) -> Tensor:
     """L2 norm of tensors viewed as one vector, on the device (no sync)."""
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    return torch.linalg.vector_norm(norms(tensors))
 
 
 @torch.no_grad()
@@ -36,12 +40,15 @@ def smoothness(
 ) -> Tensor:
     """The estimate as a 0-dim device tensor (NaN when the update is zero).
 
-    ``params`` hold theta_t and are left holding it (restored by copying saved values);
-    ``before`` is theta_{t-1}, ``grad_before`` the raw gradient there, ``rng`` the random
-    state the training forward pass started from (replayed so dropout masks match).
+    ``params`` hold theta_t and are left holding it (restored by copying saved values),
+    with their ``.grad`` as it was; ``before`` is theta_{t-1}, ``grad_before`` the raw
+    gradient there, ``rng`` the random state the training forward pass started from
+    (replayed so dropout masks match). Probe gradients come from ``backward()``, so under
+    DistributedDataParallel or FSDP2 they are averaged over ranks like training gradients.
     The caller restores its own RNG stream and buffers afterwards.
     """
     after = [p.detach().clone() for p in params]
+    saved_grads = [p.grad for p in params]
     d = torch._foreach_sub(after, before)
     if direction == "gradient":
         # Santurkar et al.: probe along -g, as far as the update actually went
@@ -51,17 +58,20 @@ def smoothness(
         raise ValueError(f"direction must be 'update' or 'gradient', got {direction!r}")
     d_norm = total_norm(d)
     best = torch.full((), float("nan"), device=d_norm.device, dtype=d_norm.dtype)
-    for k in range(1, probes + 1):
-        gamma = k / (probes + 1)
-        for p, b, dd in zip(params, before, d):
-            p.copy_(b + gamma * dd)
-        set_rng_state(rng, device)
-        with torch.enable_grad():
-            loss = closure()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        ratio = total_norm(torch._foreach_sub(grads, grad_before)) / (gamma * d_norm)
-        best = torch.fmax(best, ratio)  # fmax: the first probe replaces the NaN start
-    for p, a in zip(params, after):
-        p.copy_(a)
+    try:
+        for k in range(1, probes + 1):
+            gamma = k / (probes + 1)
+            for p, b, dd in zip(params, before, d):
+                p.copy_(b + gamma * dd)
+                p.grad = None
+            set_rng_state(rng, device)
+            with torch.enable_grad():
+                closure().backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            ratio = total_norm(torch._foreach_sub(grads, grad_before)) / (gamma * d_norm)
+            best = torch.fmax(best, ratio)  # fmax: the first probe replaces the NaN start
+    finally:
+        for p, a, g in zip(params, after, saved_grads):
+            p.copy_(a)
+            p.grad = g
     return torch.where(d_norm > 0, best, torch.full_like(best, float("nan")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from autoclip import AutoClip, ClipNorm, Clipper, ClipValue, NoClip
+from dynamics import distributed
 from dynamics.recorder import Recorder
 from dynamics.separation.data import SyntheticMixtures, wsj0_splits
 from dynamics.separation.losses import mask_inference_loss
@@ -47,7 +49,10 @@ class TaskOptions:
     checkpoint_every: int = 200
     data: str | None = None  # a WSJ0-2mix folder; None: synthetic mixtures
     device: str = "cpu"
+    dtype: str = "float32"  # or "float64", for runs compared to rounding error
     record_layers: bool = True
+    nproc: int = 1  # processes (torch.distributed); batch_size is per process
+    fsdp: bool = False  # FSDP2 fully_shard instead of DistributedDataParallel
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskOptions:
@@ -74,23 +79,56 @@ def make_clipper(opts: TaskOptions, params) -> Clipper:
     return AutoClip(params, p=opts.p, window=opts.window)
 
 
+def init_distributed(opts: TaskOptions) -> None:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), on gloo for CPU, NCCL for CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    cuda = opts.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
 class SeparationTask:
-    """Data, model and loss of the built-in task; batches are a pure function of the step."""
+    """Data, model and loss of the built-in task; batches are a pure function of the step.
+
+    Under torch.distributed each rank takes its own slice of every global batch of
+    ``batch_size x world`` mixtures, so N processes with batch B see what one process
+    with batch N x B sees.
+    """
 
     def __init__(self, opts: TaskOptions):
         self.opts = opts
-        self.device = torch.device(opts.device)
+        self.rank, self.world = distributed.rank(), distributed.world()
+        device = opts.device
+        if device.startswith("cuda") and self.world > 1:
+            device = f"cuda:{torch.cuda.current_device()}"
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, opts.dtype)
         if opts.data:
             self.train_set, self.eval_set = wsj0_splits(opts.data, opts.n_samples)
         else:
             self.train_set = SyntheticMixtures(opts.seed, opts.train_mixtures, opts.n_samples, "train")
             self.eval_set = SyntheticMixtures(opts.seed, opts.eval_mixtures, opts.n_samples, "eval")
-        if len(self.train_set) < opts.batch_size:
-            raise ValueError(f"{len(self.train_set)} training mixtures are fewer than one batch of {opts.batch_size}")
-        self.steps_per_epoch = len(self.train_set) // opts.batch_size
+        self.global_batch = opts.batch_size * self.world
+        if len(self.train_set) < self.global_batch:
+            raise ValueError(f"{len(self.train_set)} training mixtures are fewer than one batch of {self.global_batch}")
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
         torch.manual_seed(opts.seed)
-        self.stft = Stft().to(self.device)
-        self.model = MaskInferenceNet(hidden=opts.hidden, layers=opts.layers).to(self.device)
+        self.stft = Stft().to(self.device, self.dtype)
+        self.module = MaskInferenceNet(hidden=opts.hidden, layers=opts.layers).to(self.device, self.dtype)
+        self.model = self._parallel(self.module)  # what training calls: the module, or its DDP wrapper
+
+    def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return module
+        if self.opts.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for child in (module.blstm, module.head):
+                fully_shard(child)
+            return fully_shard(module)
+        return torch.nn.parallel.DistributedDataParallel(module)
 
     def epoch_of(self, t: int) -> int:
         return (t - 1) // self.steps_per_epoch
@@ -99,13 +137,12 @@ class SeparationTask:
         """Mixture and source STFTs of step t's batch (t counts from 1)."""
         epoch, position = divmod(t - 1, self.steps_per_epoch)
         order = np.random.default_rng([self.opts.seed, 2, epoch]).permutation(len(self.train_set))
-        crop = np.random.default_rng([self.opts.seed, 3, t])
-        items = [
-            self.train_set.segment(int(i), crop)
-            for i in order[position * self.opts.batch_size :][: self.opts.batch_size]
-        ]
-        mix = torch.from_numpy(np.stack([m for m, _ in items])).to(self.device)
-        src = torch.from_numpy(np.stack([s for _, s in items])).to(self.device)
+        batch = order[position * self.global_batch :][: self.global_batch]
+        mine = range(self.rank * self.opts.batch_size, (self.rank + 1) * self.opts.batch_size)
+        # each item's crop depends on its place in the global batch, not on which rank loads it
+        items = [self.train_set.segment(int(batch[j]), np.random.default_rng([self.opts.seed, 3, t, j])) for j in mine]
+        mix = torch.from_numpy(np.stack([m for m, _ in items])).to(self.device, self.dtype)
+        src = torch.from_numpy(np.stack([s for _, s in items])).to(self.device, self.dtype)
         return self.stft(mix), self.stft(src)
 
     def closure(self, t: int) -> Callable[[], torch.Tensor]:
@@ -119,20 +156,20 @@ class SeparationTask:
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 16) -> dict[str, float]:
-        """SI-SDR and SI-SDR improvement (dB) on the held-out mixtures, with PIT."""
-        self.model.eval()
+        """SI-SDR and SI-SDR improvement (dB) on the held-out mixtures, with PIT (every rank alike)."""
+        self.module.eval()
         crop = np.random.default_rng([self.opts.seed, 4])
         scores, baseline = [], []
         for start in range(0, len(self.eval_set), batch_size):
             items = [self.eval_set.segment(i, crop) for i in range(start, min(start + batch_size, len(self.eval_set)))]
-            mix = torch.from_numpy(np.stack([m for m, _ in items])).to(self.device)
-            src = torch.from_numpy(np.stack([s for _, s in items])).to(self.device)
+            mix = torch.from_numpy(np.stack([m for m, _ in items])).to(self.device, self.dtype)
+            src = torch.from_numpy(np.stack([s for _, s in items])).to(self.device, self.dtype)
             spec = self.stft(mix)
-            masks = self.model(spec.abs())
+            masks = self.module(spec.abs())
             estimates = self.stft.inverse(masks * spec.unsqueeze(1), mix.shape[-1])
             scores.append(pit_si_sdr(estimates, src))
             baseline.append(si_sdr(mix.unsqueeze(1).expand_as(src), src).mean(1))
-        self.model.train()
+        self.module.train()
         score, base = torch.cat(scores).mean().item(), torch.cat(baseline).mean().item()
         return {"si_sdr": score, "si_sdri": score - base}
 
@@ -149,6 +186,7 @@ def record(
     ``progress(t, loss, threshold)`` is called after every step (for a progress bar).
     With ``resume=True`` the run continues from its checkpoint, exactly.
     """
+    init_distributed(opts)
     torch.manual_seed(opts.seed)
     task = SeparationTask(opts)
     optimizer = torch.optim.Adam(task.model.parameters(), lr=opts.lr)
@@ -181,6 +219,8 @@ def record(
     if not opts.eval_every or opts.steps % opts.eval_every:
         rec.log_eval(**task.evaluate())
     rec.close()
+    if distributed.active():
+        torch.distributed.destroy_process_group()
     return Path(out)
 
 

@@ -1,0 +1,43 @@
+"""Overlay of several runs: step size, log loss, threshold and held-out SI-SDRi over training."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dynamics.run import Run
+from figures import style
+
+
+def comparison_figure(runs: list[Run]):
+    """A 2x2 overlay of runs; returns a matplotlib Figure.
+
+    Example::
+
+        comparison_figure([load_run(d) for d in ("runs/noclip", "runs/autoclip-p10")]).savefig("compare.png")
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    colors, labels = style.colors(runs), style.unique_labels(runs)
+    with sns.axes_style("whitegrid"):
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), layout="constrained")
+    (ax_step, ax_loss), (ax_thr, ax_eval) = axes
+    for run, color, lab in zip(runs, colors, labels):
+        m = run.metrics
+        ax_step.plot(m.step, m.step_size, color=color, lw=1.0, label=lab)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ax_loss.plot(m.step, np.log(m.loss.to_numpy(dtype=float)), color=color, lw=1.0, label=lab)
+        ax_thr.plot(m.step, m.grad_norm, color=color, lw=0.6, alpha=0.35)
+        if style.draws_threshold(run):
+            ax_thr.plot(m.step, m.threshold, color=color, lw=1.8, label=f"{lab}: threshold")
+        metric = next((c for c in ("si_sdri", "si_sdr") if c in run.eval.columns), None)
+        if metric is not None and len(run.eval):
+            ax_eval.plot(run.eval.step, run.eval[metric], color=color, marker="o", label=lab)
+    ax_step.set(xlabel="Iterations", ylabel="Step size")
+    ax_loss.set(xlabel="Iterations", ylabel="log(training loss)")
+    ax_thr.set(xlabel="Iterations", ylabel="gradient norm (thin) and threshold", yscale="log")
+    ax_eval.set(xlabel="Iterations", ylabel="held-out SI-SDRi (dB)")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return fig

@@ -1,0 +1,92 @@
+"""How runs look: labels and colours shared by every figure (the paper's: no clipping dark blue,
+AutoClip red, others from one palette)."""
+
+from __future__ import annotations
+
+import math
+
+from dynamics.run import Run
+
+NO_CLIP_COLOR = "#00008b"  # dark blue
+AUTOCLIP_COLOR = "#e00000"  # red
+
+
+def clipper_of(run: Run) -> dict:
+    return run.config.get("clipper") or {}
+
+
+def never_clips(run: Run) -> bool:
+    """No clipping: NoClip, or AutoClip with p = 100 (the paper's 'no clipping' run)."""
+    c = clipper_of(run)
+    return c.get("kind") in (None, "NoClip") or (c.get("kind") == "AutoClip" and float(c.get("p", 0)) >= 100)
+
+
+def is_autoclip(run: Run) -> bool:
+    return clipper_of(run).get("kind") == "AutoClip" and not never_clips(run)
+
+
+def ordinal(p: float) -> str:
+    n = f"{p:g}"
+    if "." in n or "e" in n:
+        return f"{n}th"
+    k = int(n)
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def label(run: Run) -> str:
+    """'No clipping', 'With AutoClip, p = 10', 'Clip norm 0.01', ... as in the paper's legends."""
+    c = clipper_of(run)
+    kind = c.get("kind")
+    if never_clips(run):
+        return "No clipping"
+    if kind == "AutoClip":
+        window = f", window {c['window']}" if c.get("window") else ""
+        return f"With AutoClip, p = {float(c['p']):g}{window}"
+    if kind == "ClipNorm":
+        return f"Clip norm {float(c['max_norm']):g}"
+    if kind == "ClipValue":
+        return f"Clip value {float(c['clip_value']):g}"
+    return run.name
+
+
+def threshold_label(run: Run) -> str:
+    """The legend of the threshold line: 'log(10th percentile of gradient norm)' for AutoClip."""
+    c = clipper_of(run)
+    if c.get("kind") == "AutoClip":
+        return f"log({ordinal(float(c['p']))} percentile of gradient norm)"
+    return "log(clipping threshold)"
+
+
+def draws_threshold(run: Run) -> bool:
+    """A clipped run with a norm threshold gets the threshold line."""
+    if never_clips(run) or run.metrics.empty:
+        return False
+    return any(math.isfinite(t) and t > 0 for t in run.metrics.threshold)
+
+
+def colors(runs: list[Run]) -> list[str]:
+    """One colour per run: no clipping dark blue, AutoClip red (further AutoClip runs in reds),
+    other clippers from seaborn's 'deep' palette."""
+    import seaborn as sns
+
+    reds = sns.color_palette("Reds_r", 6).as_hex()[1:]
+    others = [c for i, c in enumerate(sns.color_palette("deep", 10).as_hex()) if i not in (0, 3)]
+    out, n_auto, n_other, n_blue = [], 0, 0, 0
+    for run in runs:
+        if never_clips(run):
+            out.append(NO_CLIP_COLOR if n_blue == 0 else sns.color_palette("Blues_r", 6).as_hex()[n_blue])
+            n_blue += 1
+        elif is_autoclip(run):
+            out.append(AUTOCLIP_COLOR if n_auto == 0 else reds[(n_auto - 1) % len(reds)])
+            n_auto += 1
+        else:
+            out.append(others[n_other % len(others)])
+            n_other += 1
+    return out
+
+
+def unique_labels(runs: list[Run]) -> list[str]:
+    """Labels, with the run name added where two runs would otherwise share one."""
+    labels = [label(r) for r in runs]
+    return [f"{lab} ({r.name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
