@@ -8,6 +8,7 @@ from cli.compare import compare, info
 from cli.errors import run_group
 from cli.plot import animate, plot
 from cli.record import record
+from cli.sweep import sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +22,7 @@ dyn.add_command(compare)
 dyn.add_command(info)
 dyn.add_command(plot)
 dyn.add_command(animate)
+dyn.add_command(sweep)
 
 
 def main() -> None:

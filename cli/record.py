@@ -28,25 +28,109 @@ def _default_out(p, clip_norm, clip_value, no_clip) -> Path:
     return path
 
 
+LOSSES = ("mi", "dc", "wkm", "chimera", "snr")
+
+# Options of the built-in task that `dyn record` and `dyn sweep` share (the sweep passes them on).
+TRAINING_OPTIONS = [
+    click.option(
+        "--loss-scale",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Multiply the loss (and Adam's eps) by a constant: the paper's footnote 2.",
+    ),
+    click.option("--window", type=int, default=None, help="AutoClip: keep only the last W gradient norms."),
+    click.option("--steps", type=int, default=6000, show_default=True, help="Optimizer steps in all."),
+    click.option("--every", type=int, default=20, show_default=True, help="Record every N steps."),
+    click.option("--probes", type=int, default=1, show_default=True, help="Gradient probes per smoothness estimate."),
+    click.option(
+        "--direction",
+        type=click.Choice(["update", "gradient"]),
+        default="update",
+        show_default=True,
+        help="Probe along the actual update or along the gradient.",
+    ),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option(
+        "--data",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="A WSJ0-2mix folder (mix/, s1/, s2/); default: synthetic mixtures.",
+    ),
+    click.option("--layers", type=int, default=2, show_default=True, help="BLSTM layers."),
+    click.option("--hidden", type=int, default=64, show_default=True, help="BLSTM units per direction (paper: 300)."),
+    click.option("--batch-size", type=int, default=8, show_default=True, help="Mixtures per step (per process)."),
+    click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
+    click.option("--eval-every", type=int, default=1000, show_default=True, help="Evaluate SI-SDR every N steps."),
+    click.option("--checkpoint-every", type=int, default=200, show_default=True),
+    click.option("--train-mixtures", type=int, default=512, show_default=True, help="Synthetic training mixtures."),
+    click.option("--eval-mixtures", type=int, default=64, show_default=True, help="Synthetic held-out mixtures."),
+    click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda."),
+    click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
+    click.option(
+        "--threads",
+        type=int,
+        default=1,
+        show_default=True,
+        help="torch CPU threads (one is fastest for the small default network).",
+    ),
+]
+TRAINING_NAMES = [o(lambda: None).__click_params__[0].name for o in TRAINING_OPTIONS]
+
+
+def training_options(command):
+    for option in reversed(TRAINING_OPTIONS):
+        command = option(command)
+    return command
+
+
+def check_training(kw: dict) -> None:
+    """One line and exit code 2 for any bad training option."""
+    positive = (
+        "steps",
+        "every",
+        "layers",
+        "hidden",
+        "batch_size",
+        "checkpoint_every",
+        "train_mixtures",
+        "eval_mixtures",
+        "threads",
+    )
+    for name in positive:
+        if kw[name] < 1:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {kw[name]}")
+    if kw["probes"] < 0 or kw["eval_every"] < 0:
+        fail("--probes and --eval-every must be >= 0")
+    if not kw["lr"] > 0:
+        fail(f"--lr must be positive, got {kw['lr']:g}")
+    if not kw["loss_scale"] > 0:
+        fail(f"--loss-scale must be positive, got {kw['loss_scale']:g}")
+    if kw["window"] is not None and kw["window"] < 1:
+        fail("--window must be a positive size")
+    data = kw["data"]
+    if data is not None:
+        for sub in ("mix", "s1", "s2"):
+            if not (data / sub).is_dir() and not (data / "tr" / sub).is_dir():
+                fail(f"--data {data}: not a WSJ0-2mix folder (no {sub}/ inside)")
+    _device_ok(kw["device"])
+
+
+def task_options(kw: dict, **more):
+    from dynamics.train import TaskOptions
+
+    settings = {k: v for k, v in kw.items() if k in TRAINING_NAMES and k != "threads"}
+    settings["data"] = str(settings["data"]) if settings["data"] is not None else None
+    return TaskOptions(**settings, **more)
+
+
 @click.command("record")
 @click.option(
     "--p", "p", type=float, default=None, help="AutoClip percentile in [0, 100] (default 10; 100: no clipping)."
 )
-@click.option("--window", type=int, default=None, help="AutoClip: keep only the last W gradient norms.")
 @click.option("--clip-norm", type=float, default=None, help="Fixed clip-by-norm threshold instead of AutoClip.")
 @click.option("--clip-value", type=float, default=None, help="Fixed clip-by-value bound instead of AutoClip.")
 @click.option("--no-clip", is_flag=True, help="No clipping (the norm is still recorded).")
-@click.option("--steps", type=int, default=6000, show_default=True, help="Optimizer steps in all.")
-@click.option("--every", type=int, default=20, show_default=True, help="Record every N steps.")
-@click.option("--probes", type=int, default=1, show_default=True, help="Gradient probes per smoothness estimate.")
-@click.option(
-    "--direction",
-    type=click.Choice(["update", "gradient"]),
-    default="update",
-    show_default=True,
-    help="Probe along the actual update or along the gradient.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default runs/<clipper>).")
 @click.option(
     "--resume",
@@ -55,17 +139,14 @@ def _default_out(p, clip_norm, clip_value, no_clip) -> Path:
     default=None,
     help="Continue the run in this directory from its checkpoint.",
 )
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="A WSJ0-2mix folder (mix/, s1/, s2/).")
-@click.option("--layers", type=int, default=2, show_default=True, help="BLSTM layers.")
-@click.option("--hidden", type=int, default=64, show_default=True, help="BLSTM units per direction (paper: 300).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--eval-every", type=int, default=1000, show_default=True, help="Evaluate SI-SDR every N steps.")
-@click.option("--checkpoint-every", type=int, default=200, show_default=True)
-@click.option("--train-mixtures", type=int, default=512, show_default=True, help="Synthetic training mixtures.")
-@click.option("--eval-mixtures", type=int, default=64, show_default=True, help="Synthetic held-out mixtures.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option(
+    "--loss",
+    type=click.Choice(LOSSES),
+    default="mi",
+    show_default=True,
+    help="The paper's loss: mask inference, deep clustering, whitened k-means, Chimera, SNR.",
+)
+@training_options
 @click.option(
     "--nproc",
     type=int,
@@ -74,48 +155,14 @@ def _default_out(p, clip_norm, clip_value, no_clip) -> Path:
     help="Processes to train on (torch.distributed, DDP); --batch-size is per process.",
 )
 @click.option("--fsdp", is_flag=True, help="With --nproc: shard with FSDP2 (fully_shard) instead of DDP.")
-@click.option(
-    "--threads",
-    type=int,
-    default=1,
-    show_default=True,
-    help="torch CPU threads (one is fastest for the small default network).",
-)
-def record(
-    p,
-    window,
-    clip_norm,
-    clip_value,
-    no_clip,
-    steps,
-    every,
-    probes,
-    direction,
-    seed,
-    out,
-    resume_dir,
-    data,
-    layers,
-    hidden,
-    batch_size,
-    lr,
-    eval_every,
-    checkpoint_every,
-    train_mixtures,
-    eval_mixtures,
-    device,
-    dtype,
-    nproc,
-    fsdp,
-    threads,
-):
+def record(p, clip_norm, clip_value, no_clip, out, resume_dir, loss, nproc, fsdp, **kw):
     """Train the built-in separation task and record its dynamics into a run directory."""
-    if threads < 1:
-        fail(f"--threads must be a positive integer, got {threads}")
+    if kw["threads"] < 1:
+        fail(f"--threads must be a positive integer, got {kw['threads']}")
     if nproc < 1:
         fail(f"--nproc must be a positive integer, got {nproc}")
     if resume_dir is not None:
-        return _resume(resume_dir, threads)
+        return _resume(resume_dir, kw["threads"])
     chosen = [p is not None, clip_norm is not None, clip_value is not None, no_clip]
     if sum(chosen) > 1:
         fail("choose one of --p, --clip-norm, --clip-value, --no-clip")
@@ -123,30 +170,11 @@ def record(
         p = 10.0
     if p is not None and not 0.0 <= p <= 100.0:
         fail(f"--p must be in [0, 100], got {p:g}")
-    for name, value in (
-        ("--steps", steps),
-        ("--every", every),
-        ("--layers", layers),
-        ("--hidden", hidden),
-        ("--batch-size", batch_size),
-        ("--checkpoint-every", checkpoint_every),
-        ("--train-mixtures", train_mixtures),
-        ("--eval-mixtures", eval_mixtures),
-    ):
-        if value < 1:
-            fail(f"{name} must be a positive integer, got {value}")
-    if probes < 0 or eval_every < 0:
-        fail("--probes and --eval-every must be >= 0")
-    if window is not None and (window < 1 or p is None):
-        fail("--window needs --p and a positive size")
+    if kw["window"] is not None and p is None:
+        fail("--window needs --p")
     if clip_norm is not None and clip_norm <= 0 or clip_value is not None and clip_value <= 0:
         fail("--clip-norm and --clip-value must be positive")
-    if not lr > 0:
-        fail(f"--lr must be positive, got {lr:g}")
-    if data is not None:
-        for sub in ("mix", "s1", "s2"):
-            if not (data / sub).is_dir() and not (data / "tr" / sub).is_dir():
-                fail(f"--data {data}: not a WSJ0-2mix folder (no {sub}/ inside)")
+    check_training(kw)
     out = out if out is not None else _default_out(p, clip_norm, clip_value, no_clip)
     if _in_worker():
         nproc = int(os.environ["WORLD_SIZE"])  # torchrun decides; the parent checked the rest
@@ -154,37 +182,12 @@ def record(
         fail(f"--out {out} already holds a run: use --resume {out} to continue it, or choose another --out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"--out {out} exists and is not an empty directory")
-    _device_ok(device)
-    from dynamics.train import TaskOptions
-
-    opts = TaskOptions(
-        steps=steps,
-        every=every,
-        probes=probes,
-        direction=direction,
-        seed=seed,
-        p=p,
-        window=window,
-        clip_norm=clip_norm,
-        clip_value=clip_value,
-        no_clip=no_clip,
-        layers=layers,
-        hidden=hidden,
-        batch_size=batch_size,
-        lr=lr,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        train_mixtures=train_mixtures,
-        eval_mixtures=eval_mixtures,
-        data=str(data) if data is not None else None,
-        device=device,
-        dtype=dtype,
-        nproc=nproc,
-        fsdp=fsdp,
+    opts = task_options(
+        kw, loss=loss, p=p, clip_norm=clip_norm, clip_value=clip_value, no_clip=no_clip, nproc=nproc, fsdp=fsdp
     )
     if nproc > 1 and not _in_worker():
         return _launch(nproc, ["--out", str(out)])
-    _run(opts, out, resume=False, threads=threads)
+    _run(opts, out, resume=False, threads=kw["threads"])
 
 
 def _device_ok(device: str) -> None:

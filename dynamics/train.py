@@ -16,9 +16,9 @@ from autoclip import AutoClip, ClipNorm, Clipper, ClipValue, NoClip
 from dynamics import distributed
 from dynamics.recorder import Recorder
 from dynamics.separation.data import SyntheticMixtures, wsj0_splits
-from dynamics.separation.losses import mask_inference_loss
+from dynamics.separation.losses import separation_loss
 from dynamics.separation.metrics import pit_si_sdr, si_sdr
-from dynamics.separation.model import MaskInferenceNet, Stft
+from dynamics.separation.model import SeparationNet, Stft, estimate_sources
 
 
 @dataclass
@@ -28,6 +28,8 @@ class TaskOptions:
     The defaults are sized for two CPU cores; the paper's Fig. 1 network is ``hidden=300``.
     """
 
+    loss: str = "mi"  # the paper's losses: mi, dc, wkm, chimera, snr
+    loss_scale: float = 1.0
     steps: int = 6000
     every: int = 20
     probes: int = 1
@@ -116,7 +118,7 @@ class SeparationTask:
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         torch.manual_seed(opts.seed)
         self.stft = Stft().to(self.device, self.dtype)
-        self.module = MaskInferenceNet(hidden=opts.hidden, layers=opts.layers).to(self.device, self.dtype)
+        self.module = SeparationNet(opts.loss, hidden=opts.hidden, layers=opts.layers).to(self.device, self.dtype)
         self.model = self._parallel(self.module)  # what training calls: the module, or its DDP wrapper
 
     def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -125,7 +127,7 @@ class SeparationTask:
         if self.opts.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for child in (module.blstm, module.head):
+            for child in module.children():
                 fully_shard(child)
             return fully_shard(module)
         return torch.nn.parallel.DistributedDataParallel(module)
@@ -133,8 +135,8 @@ class SeparationTask:
     def epoch_of(self, t: int) -> int:
         return (t - 1) // self.steps_per_epoch
 
-    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixture and source STFTs of step t's batch (t counts from 1)."""
+    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mixture and source STFTs, and source waveforms, of step t's batch (t counts from 1)."""
         epoch, position = divmod(t - 1, self.steps_per_epoch)
         order = np.random.default_rng([self.opts.seed, 2, epoch]).permutation(len(self.train_set))
         batch = order[position * self.global_batch :][: self.global_batch]
@@ -143,14 +145,17 @@ class SeparationTask:
         items = [self.train_set.segment(int(batch[j]), np.random.default_rng([self.opts.seed, 3, t, j])) for j in mine]
         mix = torch.from_numpy(np.stack([m for m, _ in items])).to(self.device, self.dtype)
         src = torch.from_numpy(np.stack([s for _, s in items])).to(self.device, self.dtype)
-        return self.stft(mix), self.stft(src)
+        return self.stft(mix), self.stft(src), src
 
     def closure(self, t: int) -> Callable[[], torch.Tensor]:
-        mix_spec, src_spec = self.batch(t)
+        """The forward pass of step t: the chosen loss (times ``loss_scale``) on its batch."""
+        mix_spec, src_spec, src_wav = self.batch(t)
         mix_mag = mix_spec.abs()
+        name, scale = self.opts.loss, self.opts.loss_scale
 
         def loss() -> torch.Tensor:
-            return mask_inference_loss(self.model(mix_mag), mix_spec, src_spec)
+            value = separation_loss(name, self.model(mix_mag), mix_spec, src_spec, src_wav, self.stft)
+            return value * scale if scale != 1.0 else value
 
         return loss
 
@@ -165,8 +170,8 @@ class SeparationTask:
             mix = torch.from_numpy(np.stack([m for m, _ in items])).to(self.device, self.dtype)
             src = torch.from_numpy(np.stack([s for _, s in items])).to(self.device, self.dtype)
             spec = self.stft(mix)
-            masks = self.module(spec.abs())
-            estimates = self.stft.inverse(masks * spec.unsqueeze(1), mix.shape[-1])
+            outputs = self.module(spec.abs())
+            estimates = estimate_sources(self.opts.loss, outputs, spec, self.stft, mix.shape[-1])
             scores.append(pit_si_sdr(estimates, src))
             baseline.append(si_sdr(mix.unsqueeze(1).expand_as(src), src).mean(1))
         self.module.train()
@@ -189,7 +194,9 @@ def record(
     init_distributed(opts)
     torch.manual_seed(opts.seed)
     task = SeparationTask(opts)
-    optimizer = torch.optim.Adam(task.model.parameters(), lr=opts.lr)
+    # Adam's eps scales with the loss, so a scaled loss trains the same model, only its
+    # gradients (and so AutoClip's history) scaled: the paper's footnote 2, exactly.
+    optimizer = torch.optim.Adam(task.model.parameters(), lr=opts.lr, eps=1e-8 * opts.loss_scale)
     clipper = make_clipper(opts, task.model.parameters())
     rec = Recorder(
         task.model,
