@@ -40,3 +40,4 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/autoclip_overhead.py
 	$(PY) benchmarks/record_overhead.py
+	$(PY) benchmarks/figures_speed.py

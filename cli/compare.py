@@ -111,7 +111,12 @@ def info(run_dir):
     if "task" in c:
         t = c["task"]
         data = t.get("data") or "synthetic mixtures"
-        click.echo(f"task       separation, BLSTM {t['layers']}x{t['hidden']}, batch {t['batch_size']}, {data}")
+        world = c.get("world_size", 1)
+        procs = f" x {world} processes" + (" (FSDP2)" if t.get("fsdp") else " (DDP)") if world > 1 else ""
+        click.echo(
+            f"task       separation, loss {t.get('loss', 'mi')}, BLSTM {t['layers']}x{t['hidden']}, "
+            f"batch {t['batch_size']}{procs}, {data}"
+        )
     click.echo(
         f"recorded   every {c.get('every')} steps, {c.get('probes')} probe(s); "
         f"{len(run.metrics)} metrics rows, {len(run.steps)} steps, {len(run.eval)} evaluations"

@@ -284,6 +284,8 @@ def _run(opts, out: Path, resume: bool, threads: int) -> None:
     )
 
     def progress(t: int, loss, threshold: float) -> None:
+        if bar.disable:
+            return
         if bar.n == 0 and t > 1:
             bar.update(t - 1)
         bar.update(1)

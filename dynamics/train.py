@@ -1,4 +1,4 @@
-"""The built-in trainer: the paper's mask-inference separation network, recorded by a Recorder."""
+"""The built-in trainer: the paper's separation networks (any of its five losses), recorded by a Recorder."""
 
 from __future__ import annotations
 

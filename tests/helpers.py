@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from autoclip import Clipper
@@ -59,3 +63,13 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def total_norm(tensors) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])).item()
+
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+
+
+def dyn(*args, **kw) -> subprocess.CompletedProcess:
+    """Run `dyn ARGS...` as a user would (a fresh process), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, env=CLI_ENV, **kw
+    )

@@ -1,7 +1,6 @@
 """dyn record end to end: SIGKILL at random moments, resume, and bad input."""
 
 import hashlib
-import os
 import random
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CLI_ENV, dyn
 
 from dynamics import load_run
 
@@ -31,11 +31,6 @@ SMALL = [
     "--p",
     "10",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def dyn(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, env=ENV, **kw)
 
 
 def _tables(run):
@@ -57,7 +52,7 @@ def _is_prefix(part, whole):
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     reference = subprocess.Popen(
         [sys.executable, "-m", "cli", "record", *SMALL, "--out", tmp_path / "whole"],
-        env=ENV,
+        env=CLI_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -68,7 +63,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     for _ in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", *map(str, args)],
-            env=ENV,
+            env=CLI_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

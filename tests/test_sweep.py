@@ -2,17 +2,14 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import dyn
 
 from dynamics import load_run
 from dynamics.train import TaskOptions, record
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = dict(
     steps=24,
     every=4,
@@ -45,10 +42,6 @@ def test_scaling_a_loss_scales_grad_norm_and_threshold_but_not_clipping(tmp_path
     m1, ma = runs[1.0].metrics, runs[a].metrics
     assert np.array_equal(m1.step_size, ma.step_size)  # the same trajectory
     assert np.allclose(ma.smoothness, a * m1.smoothness, rtol=1e-6)
-
-
-def dyn(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], env=ENV, capture_output=True, text=True, **kw)
 
 
 SWEEP = [
