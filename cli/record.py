@@ -61,6 +61,13 @@ TRAINING_OPTIONS = [
     click.option("--hidden", type=int, default=64, show_default=True, help="BLSTM units per direction (paper: 300)."),
     click.option("--batch-size", type=int, default=8, show_default=True, help="Mixtures per step (per process)."),
     click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
+    click.option(
+        "--n-samples",
+        type=int,
+        default=4096,
+        show_default=True,
+        help="Samples per training segment at 8 kHz (paper: 25536, i.e. 400 frames).",
+    ),
     click.option("--eval-every", type=int, default=1000, show_default=True, help="Evaluate SI-SDR every N steps."),
     click.option("--checkpoint-every", type=int, default=200, show_default=True),
     click.option("--train-mixtures", type=int, default=512, show_default=True, help="Synthetic training mixtures."),

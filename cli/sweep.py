@@ -13,7 +13,7 @@ import click
 from cli.errors import fail
 from cli.record import LOSSES, TRAINING_NAMES, TRAINING_OPTIONS, check_training
 
-SWEEP_STEPS = 2000  # per run; 35 runs of the default grid take about 25 minutes on 2 cores with --jobs 2
+SWEEP_STEPS = 2000  # per run; the default grid (35 runs) took 55 minutes on 2 cores with --jobs 2
 
 
 def _parse_ps(text: str) -> list[float]:
