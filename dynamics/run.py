@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ class Run:
     layers: Any
     eval: Any
     status: str = "finished"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -3,7 +3,6 @@ with AutoClip's threshold line moving (the paper's animated Fig. 1)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,10 +107,3 @@ def _write_gif(path: str | Path, images: list[np.ndarray], per_frame_ms: int) ->
     frames[0].save(
         path, format="GIF", save_all=True, append_images=frames[1:], duration=per_frame_ms, loop=0, optimize=False
     )
-
-
-def threshold_at(run: Run, step: int) -> float:
-    """The recorded threshold at the last recorded step <= ``step``."""
-    m = run.metrics
-    row = m[m.step <= step]
-    return float(row.threshold.iloc[-1]) if len(row) else math.nan

@@ -92,8 +92,3 @@ def fig1(runs: list[Run], gridsize: int = 30, max_columns: int = 3):
                 ax.legend(loc="upper right", fontsize="small")
             fig.hexbin_axes.append(ax)
     return fig
-
-
-def save(fig, path) -> None:
-    """Save by the path's extension: .png (default), .pdf or .svg."""
-    fig.savefig(path, dpi=150)
