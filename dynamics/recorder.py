@@ -97,6 +97,7 @@ class Recorder:
         self.device = self.params[0].device
         self.t = 0
         self.epoch = 0
+        self.last_info = None  # the ClipInfo of the latest step
         self.resumed: dict[str, Any] | None = None  # the ``extra`` of the checkpoint resumed from
         self._time_offset = 0.0
         self._lock_file = None
@@ -218,7 +219,7 @@ class Recorder:
             with torch.no_grad():
                 before = [p.detach().clone() for p in self.params]
                 grad_before = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
-        info = self.clipper.step()
+        info = self.last_info = self.clipper.step()
         if not info.skip:
             self.optimizer.step()
         self.t = t

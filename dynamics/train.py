@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -220,7 +219,7 @@ def record(
         if opts.eval_every and t % opts.eval_every == 0:
             rec.log_eval(**task.evaluate())
         if progress is not None:
-            progress(t, loss, clipper_threshold(clipper))
+            progress(t, loss, rec.last_info.threshold)
         if t % opts.checkpoint_every == 0 and t < opts.steps:
             rec.checkpoint()
     if not opts.eval_every or opts.steps % opts.eval_every:
@@ -229,7 +228,3 @@ def record(
     if distributed.active():
         torch.distributed.destroy_process_group()
     return Path(out)
-
-
-def clipper_threshold(clipper: Clipper) -> float:
-    return clipper.threshold if isinstance(clipper, AutoClip) else getattr(clipper, "max_norm", math.inf)
