@@ -31,7 +31,7 @@ from autoclip import AutoClip  # noqa: E402
 from dynamics import Recorder  # noqa: E402
 from dynamics.journal import Journal, read_table  # noqa: E402
 from dynamics.run import SCHEMAS  # noqa: E402
-from dynamics.train import SeparationTask, TaskOptions  # noqa: E402
+from dynamics.tasks.separation.train import SeparationTask, TaskOptions  # noqa: E402
 
 
 def training_overhead(blocks: int, block: int) -> tuple[float, float]:

@@ -10,20 +10,8 @@ from pathlib import Path
 
 import click
 
+from cli.common import check_figure_path, load_runs
 from cli.errors import fail
-
-
-def load_runs(run_dirs: tuple[Path, ...]):
-    """Load run directories, turning any problem into one line and exit code 2."""
-    from dynamics.run import RunError, load_run
-
-    runs = []
-    for d in run_dirs:
-        try:
-            runs.append(load_run(d))
-        except RunError as e:
-            fail(str(e))
-    return runs
 
 
 def _fmt(value) -> str:
@@ -60,8 +48,6 @@ def compare(run_dirs, as_json, as_csv, out):
     if as_json and as_csv:
         fail("choose one of --json and --csv")
     if out is not None:
-        from cli.plot import check_figure_path
-
         check_figure_path(out)
     from dynamics.summary import COLUMNS, json_safe, summarize
 

@@ -6,25 +6,8 @@ from pathlib import Path
 
 import click
 
-from cli.compare import load_runs
+from cli.common import check_figure_path, plottable_runs
 from cli.errors import fail
-
-FIGURE_FORMATS = (".png", ".pdf", ".svg")
-
-
-def check_figure_path(out: Path, formats=FIGURE_FORMATS) -> None:
-    if out.suffix.lower() not in formats:
-        fail(f"--out {out}: use one of {', '.join(formats)}")
-    if not out.parent.exists():
-        fail(f"--out {out}: folder {out.parent} does not exist")
-
-
-def plottable_runs(run_dirs):
-    runs = load_runs(run_dirs)
-    for run in runs:
-        if run.metrics.empty:
-            fail(f"{run.path}: the run has no recorded rows yet")
-    return runs
 
 
 @click.command("plot")

@@ -124,7 +124,7 @@ def check_training(kw: dict) -> None:
 
 
 def task_options(kw: dict, **more):
-    from dynamics.train import TaskOptions
+    from dynamics.tasks.separation.train import TaskOptions
 
     settings = {k: v for k, v in kw.items() if k in TRAINING_NAMES and k != "threads"}
     settings["data"] = str(settings["data"]) if settings["data"] is not None else None
@@ -208,7 +208,7 @@ def _device_ok(device: str) -> None:
 
 def _resume(run_dir: Path, threads: int) -> None:
     from dynamics.run import RunError, read_config
-    from dynamics.train import TaskOptions
+    from dynamics.tasks.separation.train import TaskOptions
 
     try:
         config = read_config(run_dir)
@@ -278,7 +278,7 @@ def _run(opts, out: Path, resume: bool, threads: int) -> None:
     from tqdm import tqdm
 
     from dynamics.run import RunError
-    from dynamics.train import record as record_task
+    from dynamics.tasks.separation.train import record as record_task
 
     torch.set_num_threads(threads)
     bar = tqdm(

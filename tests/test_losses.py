@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dynamics.separation.data import SyntheticMixtures
-from dynamics.separation.kmeans import kmeans, kmeans_masks
-from dynamics.separation.losses import (
+from dynamics.tasks.separation.data import SyntheticMixtures
+from dynamics.tasks.separation.kmeans import kmeans, kmeans_masks
+from dynamics.tasks.separation.losses import (
     LOSS_NAMES,
     chimera_loss,
     deep_clustering_loss,
@@ -19,7 +19,7 @@ from dynamics.separation.losses import (
     snr_loss,
     whitened_kmeans_loss,
 )
-from dynamics.separation.model import MaskInferenceNet, SeparationNet, Stft, estimate_sources
+from dynamics.tasks.separation.model import MaskInferenceNet, SeparationNet, Stft, estimate_sources
 
 torch.set_num_threads(1)
 

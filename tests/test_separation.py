@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from dynamics.separation import (
+from dynamics.tasks.separation import (
     MaskInferenceNet,
     Stft,
     SyntheticMixtures,
@@ -16,7 +16,7 @@ from dynamics.separation import (
     pit_si_sdr,
     si_sdr,
 )
-from dynamics.separation.data import wsj0_splits
+from dynamics.tasks.separation.data import wsj0_splits
 
 
 def _np_si_sdr(est, ref):

@@ -8,7 +8,7 @@ import pytest
 from helpers import dyn
 
 from dynamics import load_run
-from dynamics.train import TaskOptions, record
+from dynamics.tasks.separation.train import TaskOptions, record
 
 TINY = dict(
     steps=24,

@@ -143,7 +143,7 @@ def chimera_loss(
 def masked_waveforms(masks: Tensor, mixture: Tensor, stft, length: int) -> Tensor:
     """Waveforms of the masked mixture STFT with the mixture phase: istft(M_i |X| e^{j theta_X}).
 
-    masks (B, C, T, F) real; mixture (B, T, F) complex; ``stft`` a :class:`~dynamics.separation.model.Stft`
+    masks (B, C, T, F) real; mixture (B, T, F) complex; ``stft`` a :class:`~dynamics.tasks.separation.model.Stft`
     (anything with ``inverse(spec, length)``) -> (B, C, length).
     """
     return stft.inverse(masks * mixture.unsqueeze(1), length)
@@ -173,7 +173,7 @@ def separation_loss(
 ) -> Tensor:
     """Any of the paper's five losses by name ("dc", "wkm", "mi", "chimera", "snr").
 
-    outputs: the dict of :class:`~dynamics.separation.model.SeparationNet` ("masks" (B, C, T, F) and/or
+    outputs: the dict of :class:`~dynamics.tasks.separation.model.SeparationNet` ("masks" (B, C, T, F) and/or
     "embedding" (B, T, F, D)); mixture_spec (B, T, F) and source_spec (B, C, T, F) complex STFTs;
     source_wav (B, C, n) time-domain sources (used by "snr" only); stft the STFT module (used by
     "snr" only, for the inverse STFT).

@@ -14,10 +14,10 @@ import torch
 from autoclip import AutoClip, ClipNorm, Clipper, ClipValue, NoClip
 from dynamics import distributed
 from dynamics.recorder import Recorder
-from dynamics.separation.data import SyntheticMixtures, wsj0_splits
-from dynamics.separation.losses import separation_loss
-from dynamics.separation.metrics import pit_si_sdr, si_sdr
-from dynamics.separation.model import SeparationNet, Stft, estimate_sources
+from dynamics.tasks.separation.data import datasets
+from dynamics.tasks.separation.losses import separation_loss
+from dynamics.tasks.separation.metrics import pit_si_sdr, si_sdr
+from dynamics.tasks.separation.model import SeparationNet, Stft, estimate_sources
 
 
 @dataclass
@@ -106,11 +106,9 @@ class SeparationTask:
             device = f"cuda:{torch.cuda.current_device()}"
         self.device = torch.device(device)
         self.dtype = getattr(torch, opts.dtype)
-        if opts.data:
-            self.train_set, self.eval_set = wsj0_splits(opts.data, opts.n_samples)
-        else:
-            self.train_set = SyntheticMixtures(opts.seed, opts.train_mixtures, opts.n_samples, "train")
-            self.eval_set = SyntheticMixtures(opts.seed, opts.eval_mixtures, opts.n_samples, "eval")
+        self.train_set, self.eval_set = datasets(
+            opts.data, opts.seed, opts.n_samples, opts.train_mixtures, opts.eval_mixtures
+        )
         self.global_batch = opts.batch_size * self.world
         if len(self.train_set) < self.global_batch:
             raise ValueError(f"{len(self.train_set)} training mixtures are fewer than one batch of {self.global_batch}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dynamics.separation.kmeans import kmeans_masks
-from dynamics.separation.losses import masked_waveforms
+from dynamics.tasks.separation.kmeans import kmeans_masks
+from dynamics.tasks.separation.losses import masked_waveforms
 
 
 class Stft(nn.Module):
@@ -92,7 +92,7 @@ class SeparationNet(_BlstmTrunk):
     with the heads its loss needs.
 
     - "mi", "snr": two sigmoid masks (the "snr" network's inverse STFT is in the loss path,
-      :func:`~dynamics.separation.losses.masked_waveforms`);
+      :func:`~dynamics.tasks.separation.losses.masked_waveforms`);
     - "dc", "wkm": a ``embedding_dim``-dimensional embedding per TF point, sigmoid then unit-normalised;
     - "chimera": both.
 
@@ -147,7 +147,7 @@ def estimate_sources(
 
     Mask networks ("mi", "snr", "chimera": its mask head) apply their masks to the mixture STFT
     (B, T, F) and invert with the mixture phase; embedding networks ("dc", "wkm") first turn their
-    embeddings into binary masks by k-means on each item (:func:`~dynamics.separation.kmeans.kmeans_masks`,
+    embeddings into binary masks by k-means on each item (:func:`~dynamics.tasks.separation.kmeans.kmeans_masks`,
     ``n_sources`` clusters, weighted by the mixture magnitude; no gradient).
     """
     if loss_name not in HEADS:

@@ -151,3 +151,13 @@ def wsj0_splits(root: str | Path, n_samples: int, held_out: float = 0.05) -> tup
     cut = max(1, int(round(len(full) * held_out))) if len(full) > 1 else 0
     train_names, eval_names = full.names[: len(full) - cut], full.names[len(full) - cut :] or full.names
     return Wsj0Mix(root, n_samples, train_names), Wsj0Mix(root, n_samples, eval_names)
+
+
+def datasets(data: str | None, seed: int, n_samples: int, train_mixtures: int, eval_mixtures: int):
+    """The training and held-out sets that ``data`` names: None for synthetic mixtures, else a folder."""
+    if data:
+        return wsj0_splits(data, n_samples)
+    return (
+        SyntheticMixtures(seed, train_mixtures, n_samples, "train"),
+        SyntheticMixtures(seed, eval_mixtures, n_samples, "eval"),
+    )
