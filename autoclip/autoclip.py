@@ -11,7 +11,7 @@ from torch import Tensor
 from autoclip.base import Clipper, Params
 from autoclip.info import ClipInfo
 from autoclip.norms import scale_
-from autoclip.percentile import RunningPercentile
+from autoclip.percentile import RunningPercentile, check_p, check_window
 
 
 class AutoClip(Clipper):
@@ -23,10 +23,19 @@ class AutoClip(Clipper):
     min(threshold / n_t, 1), with no epsilon: a gradient at or under the threshold is
     left untouched, so ``p=100`` never changes a gradient.
 
+    A norm of zero never enters a history: a step on which no parameter has a gradient
+    (an optimizer step without backward, a frozen model), or whose gradients are all zero,
+    says nothing about the gradient scale, and a zero in the history would pin a low
+    percentile to 0 and stop training. Such a step reports ``grad_norm`` 0, clips nothing
+    and reports the threshold as it stands (inf while the history is empty). With
+    ``per_group=True`` the same holds per group: a frozen group's history waits unchanged
+    until it is unfrozen. A ``window`` counts the norms that entered, not calls to step().
+
     Args:
-        params: parameters, or parameter groups such as ``optimizer.param_groups``.
+        params: parameters, ``named_parameters()``, or parameter groups such as
+            ``optimizer.param_groups``. Each parameter may appear once.
         p: percentile in [0, 100]; 10 is the paper's choice, 100 means no clipping.
-        window: keep only the last ``window`` norms (None keeps all).
+        window: keep only the last ``window`` norms (a positive int; None keeps all).
         per_group: one history and threshold per parameter group (pass
             ``optimizer.param_groups``, or one group per layer, for per-layer clipping).
         nonfinite: a NaN/inf norm never enters the history; ``"skip"`` reports
@@ -42,6 +51,9 @@ class AutoClip(Clipper):
             optimizer.step()
     """
 
+    _settings = ("p", "window", "per_group")
+    _state_data = ("histories",)
+
     def __init__(
         self,
         params: Params,
@@ -50,10 +62,11 @@ class AutoClip(Clipper):
         per_group: bool = False,
         nonfinite: str = "skip",
     ):
+        p, window = check_p(p), check_window(window)
         super().__init__(params, nonfinite=nonfinite, per_group=per_group)
         n_histories = len(self.groups) if per_group else 1
         self.histories = [RunningPercentile(p, window) for _ in range(n_histories)]
-        self.p = float(p)
+        self.p = p
         self.window = window
 
     @property
@@ -72,7 +85,8 @@ class AutoClip(Clipper):
         total = norms[0]
         if not self.per_group:
             history = self.histories[0]
-            history.add(total)
+            if total > 0:
+                history.add(total)
             threshold = history.value()
             clipped = total > threshold
             if clipped:
@@ -81,7 +95,8 @@ class AutoClip(Clipper):
         thresholds, clipped = [], False
         group_norms = norms[1:] or norms[:1]  # a single group's norm is the total
         for history, group_grads, norm in zip(self.histories, grads, group_norms):
-            history.add(norm)
+            if norm > 0:
+                history.add(norm)
             threshold = history.value()
             thresholds.append(threshold)
             if norm > threshold:
@@ -118,16 +133,26 @@ class AutoClip(Clipper):
         )
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the histories. The constructed p and window apply from here on."""
-        if len(state["histories"]) != len(self.histories):
+    def _check_state(self, state: Any) -> None:
+        super()._check_state(state)
+        histories = state["histories"]
+        if not isinstance(histories, (list, tuple)) or len(histories) != len(self.histories):
+            n = len(histories) if isinstance(histories, (list, tuple)) else type(histories).__name__
             raise ValueError(
-                f"state has {len(state['histories'])} histories, this AutoClip has "
-                f"{len(self.histories)} (per_group={self.per_group}, {len(self.groups)} groups)"
+                f"AutoClip state_dict has {n} histories, this AutoClip has {len(self.histories)} "
+                f"(per_group={self.per_group}, {len(self.groups)} groups): build it with the same parameter groups"
             )
-        super().load_state_dict(state)
+        for k, values in enumerate(histories):
+            values = torch.as_tensor(values, dtype=torch.float64)
+            if values.dim() != 1 or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+                raise ValueError(f"AutoClip state_dict: history {k} must be a 1-D list of finite norms >= 0")
+            if self.window is not None and len(values) > self.window:
+                raise ValueError(f"AutoClip state_dict: history {k} holds {len(values)} norms, more than the window")
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
         for history, values in zip(self.histories, state["histories"]):
-            history.load(values.tolist())
+            history.load(torch.as_tensor(values, dtype=torch.float64).tolist())
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, window={self.window}, per_group={self.per_group}, " + super().extra_repr()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autoclip.base import Clipper, Params
+from autoclip.base import Clipper, Params, check_threshold
 from autoclip.info import ClipInfo
 
 
@@ -17,7 +17,8 @@ class ClipValue(Clipper):
 
     There is no norm threshold, so ``info.threshold`` is inf; ``info.clipped`` says
     whether any element was clamped (its largest magnitude is read back in the same
-    transfer as the norm).
+    transfer as the norm). Complex parameters are refused: torch cannot clamp them
+    (``clip_grad_value_`` fails on them); clip them by norm instead.
 
     Example::
 
@@ -27,11 +28,17 @@ class ClipValue(Clipper):
         optimizer.step()
     """
 
+    _settings = ("clip_value",)
+
     def __init__(self, params: Params, clip_value: float, nonfinite: str = "skip"):
+        clip_value = check_threshold(clip_value, "clip_value", "ClipValue")
         super().__init__(params, nonfinite=nonfinite)
-        if not clip_value > 0:
-            raise ValueError(f"clip_value must be positive, got {clip_value}")
-        self.clip_value = float(clip_value)
+        if any(p.is_complex() for group in self.groups for p in group):
+            raise ValueError(
+                "ClipValue cannot clamp complex parameters (torch.nn.utils.clip_grad_value_ cannot either): "
+                "clip them by norm with ClipNorm or AutoClip"
+            )
+        self.clip_value = clip_value
 
     def _extras(self, grads: list[list[Tensor]]) -> list[Tensor]:
         flat = [g for gs in grads for g in gs]

@@ -15,8 +15,32 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from collections import deque
 from collections.abc import Iterable
+
+
+def check_p(p: object) -> float:
+    """``p`` as a float, or a clear error unless it is a number in [0, 100]."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a number in [0, 100], got {type(p).__name__} {p!r}")
+    if not 0.0 <= p <= 100.0:  # also rejects NaN
+        raise ValueError(f"p must be in [0, 100] (a percentile; 100 means no clipping), got {p}")
+    return float(p)
+
+
+def check_window(window: object) -> int | None:
+    """``window`` as an int or None, or a clear error unless it is a positive integer or None."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(
+            f"window must be a positive integer (how many recent norms to keep) or None, "
+            f"got {type(window).__name__} {window!r}"
+        )
+    if window < 1:
+        raise ValueError(f"window must be a positive integer or None (keep every norm), got {window}")
+    return int(window)
 
 
 class RunningPercentile:
@@ -31,12 +55,8 @@ class RunningPercentile:
     """
 
     def __init__(self, p: float, window: int | None = None, values: Iterable[float] = ()):
-        if not 0.0 <= p <= 100.0 or math.isnan(p):
-            raise ValueError(f"p must be in [0, 100], got {p}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be a positive integer or None, got {window}")
-        self.p = float(p)
-        self.window = window
+        self.p = check_p(p)
+        self.window = check_window(window)
         self._q = self.p / 100.0  # numpy.percentile divides by 100 the same way
         self._recent: deque[float] | None = deque() if window is not None else None
         self.load(values)
@@ -46,6 +66,8 @@ class RunningPercentile:
     def load(self, values: Iterable[float]) -> None:
         """Replace the history by ``values`` (oldest first; a window keeps the last ones)."""
         values = [float(v) for v in values]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("RunningPercentile holds finite values only; the values to load contain NaN or inf")
         if self.window is not None:
             values = values[-self.window :]
             self._recent = deque(values)
@@ -73,8 +95,11 @@ class RunningPercentile:
     # -- updates -------------------------------------------------------------------------
 
     def add(self, x: float) -> None:
-        """Append one value; with a window, forget the oldest once the window is full."""
+        """Append one finite value; with a window, forget the oldest once the window is full."""
         x = float(x)
+        if not math.isfinite(x):
+            # NaN has no order and would silently corrupt the heaps
+            raise ValueError(f"RunningPercentile holds finite values only, got {x}")
         if self._n_lower and x <= -self._lower[0]:
             heapq.heappush(self._lower, -x)
             self._n_lower += 1

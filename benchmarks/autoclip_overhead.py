@@ -1,4 +1,4 @@
-"""AutoClip step cost (SPEC section 9): vs a bare clip_grad_norm_, and vs the paper's code.
+"""AutoClip step cost: vs a bare clip_grad_norm_, and vs the paper's code.
 
 Times only the clipping step on a ~1M-parameter model (10 Linear layers of 316x316 with bias,
 20 gradient tensors) whose gradients are filled once at random. Reported figures:
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-torch.set_num_threads(1)  # two cores, possibly a busy neighbour: no OpenMP spinning (SPEC section 10)
+torch.set_num_threads(1)  # two cores, possibly a busy neighbour: no OpenMP spinning
 
 import numpy as np  # noqa: E402
 

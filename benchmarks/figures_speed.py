@@ -1,4 +1,4 @@
-"""Figure and command-line speed (SPEC section 9): Fig. 1, the threshold GIF and `dyn --help`.
+"""Figure and command-line speed: Fig. 1, the threshold GIF and `dyn --help`.
 
 Two synthetic runs of 5,000 recorded rows each (AutoClip p = 10 with a slowly rising threshold,
 and AutoClip p = 100, the paper's "no clipping" run) are written with ``dynamics.run.save_run``
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # two cores, possibly a busy neighbour (SPEC section 10)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # two cores, possibly a busy neighbour
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import argparse  # noqa: E402

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from cli.errors import fail
+import click
+
+from cli.errors import EXIT_ENVIRONMENT, fail
 
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
 
@@ -23,11 +26,40 @@ def load_runs(run_dirs):
 
 
 def check_figure_path(out: Path, formats=FIGURE_FORMATS) -> None:
-    """A figure path must have a known format and a folder that exists."""
+    """A known format, and a path a file can be created at: checked before any drawing."""
     if out.suffix.lower() not in formats:
         fail(f"--out {out}: use one of {', '.join(formats)}")
-    if not out.parent.exists():
-        fail(f"--out {out}: folder {out.parent} does not exist")
+    from figures.files import FigurePathError, check_writable
+
+    try:
+        check_writable(out)
+    except FigurePathError as e:
+        fail(f"--out {e}")
+    except OSError as e:
+        environment_failure_at(out, e)
+
+
+def environment_failure_at(out: Path, error: OSError) -> None:
+    """Disk full, permission lost, I/O error while writing ``out``: one line, exit code 1."""
+    reason = error.strerror or str(error)
+    click.echo(f"dyn: error: could not write {out}: {reason}; free space or fix permissions and retry", err=True)
+    sys.exit(EXIT_ENVIRONMENT)
+
+
+def save_figure(fig, out: Path) -> None:
+    """Save atomically (no partial file under ``out``), errors as one line; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    from figures.files import FigurePathError, save_figure
+
+    try:
+        save_figure(fig, out, dpi=150)
+    except FigurePathError as e:
+        fail(f"--out {e}")
+    except OSError as e:
+        environment_failure_at(out, e)
+    finally:
+        plt.close(fig)
 
 
 def plottable_runs(run_dirs):

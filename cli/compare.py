@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import check_figure_path, load_runs
+from cli.common import check_figure_path, load_runs, save_figure
 from cli.errors import fail
 
 
@@ -32,10 +32,33 @@ def print_table(rows: list[dict], columns) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def _r_note(runs) -> str:
+    from dynamics.stats import DEFAULT_RESAMPLES
+    from dynamics.summary import r_block
+
+    blocks = sorted({r_block(run) for run in runs})
+    span = f"{blocks[0]}" if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
+    return (
+        f"r_ci: 95% moving-block bootstrap of the record rows, {DEFAULT_RESAMPLES} resamples (seeded), "
+        f"block length {span} rows (Politis-White)"
+    )
+
+
+GROUPS_NOTE = (
+    "groups: runs whose configs differ only in seed; intervals: 95% Student t over seeds"
+    " (NaN for one seed), the difference of two groups: Welch"
+)
+
+
 @click.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print a CSV table.")
+@click.option(
+    "--groups",
+    is_flag=True,
+    help="One entry per group of runs that differ only in seed, with intervals over seeds (see below).",
+)
 @click.option(
     "--out",
     "-o",
@@ -43,13 +66,27 @@ def print_table(rows: list[dict], columns) -> None:
     default=None,
     help="Also draw an overlay figure (.png, .pdf or .svg).",
 )
-def compare(run_dirs, as_json, as_csv, out):
-    """Compare runs: final loss, step size, r-value, clipping, threshold, SI-SDRi."""
+def compare(run_dirs, as_json, as_csv, groups, out):
+    """Compare runs: final loss, step size, r-value, clipping, threshold, final evaluation.
+
+    One row per run: run, steps, final_loss, step_size_mean, step_size_cv, r_value, r_ci_low,
+    r_ci_high, clipped_fraction, final_threshold, final_si_sdri, then final_<column> for every
+    other column of the runs' eval tables (empty/null where a run has none). r_ci_low and
+    r_ci_high: a 95% percentile interval of r_value from a moving-block bootstrap over the
+    recorded rows (2000 resamples, seeded, so reruns print the same numbers; block length by
+    Politis and White's rule, stated on stderr).
+
+    --groups: runs whose configs differ only in seed (and names, output paths, command line,
+    versions, timing) form a group. One entry per group: name, n_seeds, and <column>_mean,
+    <column>_ci_low, <column>_ci_high for each numeric column (95% Student t interval over the
+    seeds; none with one seed). With exactly two groups A and B, a third entry "A - B" holds the
+    differences of the means with Welch's interval. The method is stated on stderr.
+    """
     if as_json and as_csv:
         fail("choose one of --json and --csv")
     if out is not None:
         check_figure_path(out)
-    from dynamics.summary import COLUMNS, json_safe, summarize
+    from dynamics.summary import columns_of, fill_columns, json_safe, summarize, summarize_groups
 
     runs = load_runs(run_dirs)
     names = [r.name for r in runs]
@@ -58,30 +95,56 @@ def compare(run_dirs, as_json, as_csv, out):
             run.config["name"] = str(run.path)
         if run.metrics.empty:
             fail(f"{run.path}: the run has no recorded rows yet")
-    rows = [summarize(r) for r in runs]
+    rows = fill_columns([summarize(r) for r in runs])
+    if groups:
+        try:
+            rows = summarize_groups(runs, rows)
+        except ValueError as e:
+            fail(str(e))
+    columns = list(rows[0]) if groups else columns_of(rows)
     if as_json:
         click.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in rows], indent=2))
     elif as_csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+    elif groups:
+        print_groups(rows)
     else:
-        print_table(rows, COLUMNS)
+        print_table(rows, columns)
+    click.echo(GROUPS_NOTE if groups else _r_note(runs), err=True)
     if out is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         from figures.compare import comparison_figure
 
-        comparison_figure(runs).savefig(out, dpi=150)
+        save_figure(comparison_figure(runs), out)
         click.echo(f"figure: {out}", err=True)
+
+
+def _interval(mean, low, high) -> str:
+    if isinstance(low, float) and math.isnan(low):
+        return _fmt(mean)
+    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def print_groups(rows: list[dict]) -> None:
+    """Groups as a table, one column per group (and the difference), each cell "mean [ci_low, ci_high]"."""
+    measures = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean")]
+    heads = [r["name"] if r["n_seeds"] is None else f"{r['name']} ({r['n_seeds']} seeds)" for r in rows]
+    table = [
+        {"": m} | {h: _interval(r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for h, r in zip(heads, rows)}
+        for m in measures
+    ]
+    print_table(table, ["", *heads])
 
 
 @click.command("info")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def info(run_dir):
     """What a run is (clipper, task, status) and what it recorded."""
-    from dynamics.summary import summarize
+    from dynamics.summary import final_eval, summarize
 
     (run,) = load_runs((run_dir,))
     c = run.config
@@ -94,15 +157,10 @@ def info(run_dir):
     model = c.get("model", {})
     n = model.get("parameters")
     click.echo(f"model      {model.get('kind', '?')}, {f'{n:,}' if isinstance(n, int) else '?'} parameters")
-    if "task" in c:
-        t = c["task"]
-        data = t.get("data") or "synthetic mixtures"
+    if "task_description" in c or "task" in c:
         world = c.get("world_size", 1)
-        procs = f" x {world} processes" + (" (FSDP2)" if t.get("fsdp") else " (DDP)") if world > 1 else ""
-        click.echo(
-            f"task       separation, loss {t.get('loss', 'mi')}, BLSTM {t['layers']}x{t['hidden']}, "
-            f"batch {t['batch_size']}{procs}, {data}"
-        )
+        procs = f" x {world} processes" if world > 1 else ""
+        click.echo(f"task       {_task_line(c)}{procs}")
     click.echo(
         f"recorded   every {c.get('every')} steps, {c.get('probes')} probe(s); "
         f"{len(run.metrics)} metrics rows, {len(run.steps)} steps, {len(run.eval)} evaluations"
@@ -115,5 +173,19 @@ def info(run_dir):
         )
         click.echo(
             f"dynamics   step size mean {_fmt(s['step_size_mean'])} (cv {_fmt(s['step_size_cv'])}), "
-            f"r(log grad norm, log smoothness) {_fmt(s['r_value'])}, final SI-SDRi {_fmt(s['final_si_sdri'])} dB"
+            f"r(log grad norm, log smoothness) {_interval(s['r_value'], s['r_ci_low'], s['r_ci_high'])}"
         )
+    finals = final_eval(run) if not run.eval.empty else {}
+    if finals:
+        values = ", ".join(f"{k[len('final_') :]} {_fmt(v)}" for k, v in finals.items())
+        click.echo(f"final eval {values} (step {int(run.eval.step.iloc[-1])})")
+
+
+def _task_line(config: dict) -> str:
+    """The task in one line: its own description if it wrote one, else its settings."""
+    if config.get("task_description"):
+        return str(config["task_description"])
+    task = config["task"]
+    if not isinstance(task, dict):
+        return str(task)
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in task.items() if v is not None and not isinstance(v, (dict, list)))

@@ -8,6 +8,7 @@ from cli.compare import compare, info
 from cli.errors import run_group
 from cli.plot import animate, plot
 from cli.record import record
+from cli.study import study
 from cli.sweep import sweep
 
 
@@ -23,6 +24,7 @@ dyn.add_command(info)
 dyn.add_command(plot)
 dyn.add_command(animate)
 dyn.add_command(sweep)
+dyn.add_command(study)
 
 
 def main() -> None:

@@ -94,6 +94,12 @@ class Journal:
         self._sink.flush()
         self.rows += batch.num_rows
 
+    def sync(self) -> None:
+        """Make every row written so far durable (fsync): a checkpoint that counts them comes after."""
+        if self._sink is not None:
+            self._sink.flush()
+            os.fsync(self._sink.fileno())
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -107,6 +113,32 @@ def sizes(directory: Path) -> dict[str, int]:
     if not directory.exists():
         return {}
     return {p.name: p.stat().st_size for p in sorted(directory.glob("*.arrows"))}
+
+
+def check(directory: Path, recorded: dict[str, int]) -> str | None:
+    """What is wrong with a journal that should hold at least ``recorded`` (segment -> bytes), or None.
+
+    Every recorded segment must exist, be at least as long as recorded, and its recorded
+    prefix must read as whole record batches: a truncated, emptied, deleted or overwritten
+    segment would otherwise lose rows silently on resume.
+    """
+    directory = Path(directory)
+    for name, size in sorted(recorded.items()):
+        path = directory / name
+        if not path.exists():
+            return f"journal segment {name} is missing"
+        actual = path.stat().st_size
+        if actual < size:
+            return f"journal segment {name} holds {actual} bytes, the checkpoint counted {size}"
+        with open(path, "rb") as f:
+            prefix = f.read(size)
+        try:
+            reader = pa.ipc.open_stream(pa.BufferReader(prefix))
+            for _ in reader:
+                pass
+        except (pa.ArrowException, OSError, ValueError):
+            return f"journal segment {name} is damaged"
+    return None
 
 
 def rewind(directory: Path, recorded: dict[str, int]) -> None:

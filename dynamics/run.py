@@ -21,42 +21,67 @@ from dynamics import journal
 SCHEMA_VERSION = 1
 TABLES = ("metrics", "steps", "layers", "eval")
 
-SCHEMAS = {
-    "metrics": pa.schema(
-        [
-            ("step", pa.int64()),
-            ("epoch", pa.int64()),
-            ("time_s", pa.float64()),
-            ("loss", pa.float64()),
-            ("grad_norm", pa.float64()),
-            ("threshold", pa.float64()),
-            ("clip_coef", pa.float64()),
-            ("clipped", pa.bool_()),
-            ("step_size", pa.float64()),
-            ("smoothness", pa.float64()),
-            ("lr", pa.float64()),
-        ]
-    ),
-    "steps": pa.schema(
-        [
-            ("step", pa.int64()),
-            ("loss", pa.float64()),
-            ("grad_norm", pa.float64()),
-            ("threshold", pa.float64()),
-            ("clipped", pa.bool_()),
-        ]
-    ),
-    "layers": pa.schema(
-        [
-            ("step", pa.int64()),
-            ("name", pa.string()),
-            ("grad_norm", pa.float64()),
-            ("step_size", pa.float64()),
-            ("param_norm", pa.float64()),
-        ]
-    ),
-    "eval": None,  # the task's metrics, whatever they are, after a "step" column
+# Columns every metrics row has: the step's own numbers. Quantities add theirs between them and lr.
+METRICS_BASE = [
+    ("step", "int64"),
+    ("epoch", "int64"),
+    ("time_s", "float64"),
+    ("loss", "float64"),
+    ("grad_norm", "float64"),
+    ("threshold", "float64"),
+    ("clip_coef", "float64"),
+    ("clipped", "bool"),
+]
+METRICS_LAST = [("lr", "float64")]
+STEPS = [
+    ("step", "int64"),
+    ("loss", "float64"),
+    ("grad_norm", "float64"),
+    ("threshold", "float64"),
+    ("clipped", "bool"),
+]
+LAYERS_BASE = [("step", "int64"), ("name", "string")]
+_TYPES = {
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "float32": pa.float32(),
+    "bool": pa.bool_(),
+    "string": pa.string(),
 }
+
+
+def schemas(metrics: list[tuple[str, str]], layers: list[tuple[str, str]]) -> dict[str, pa.Schema | None]:
+    """The tables' Arrow schemas, given the (column, type name) pairs quantities add to metrics and layers."""
+
+    def schema(columns):
+        return pa.schema([(name, _TYPES[kind]) for name, kind in columns])
+
+    return {
+        "metrics": schema(METRICS_BASE + list(metrics) + METRICS_LAST),
+        "steps": schema(STEPS),
+        "layers": schema(LAYERS_BASE + list(layers)),
+        "eval": None,  # the task's metrics, whatever they are, after a "step" column
+    }
+
+
+# The tables of a run recorded with the default quantities (and of runs that predate "tables" in config.json).
+SCHEMAS = schemas(
+    [("step_size", "float64"), ("smoothness", "float64")],
+    [("grad_norm", "float64"), ("step_size", "float64"), ("param_norm", "float64")],
+)
+
+
+def _schemas_of(config: dict[str, Any]) -> dict[str, pa.Schema | None]:
+    tables = config.get("tables")
+    if not isinstance(tables, dict):
+        return SCHEMAS
+    try:
+        return {
+            **SCHEMAS,
+            **{name: pa.schema([(c, pa.type_for_alias(t)) for c, t in cols]) for name, cols in tables.items()},
+        }
+    except (TypeError, ValueError, KeyError) as e:
+        raise RunError(f"config.json: unreadable table schemas ({e})") from None
 
 
 class RunError(ValueError):
@@ -117,32 +142,43 @@ def _read_parquet(path: Path) -> pa.Table:
         raise RunError(f"{path}: corrupt table ({str(e).splitlines()[0]})") from None
 
 
-def _frame(table: pa.Table | None, name: str):
+def _frame(table: pa.Table | None, name: str, schema: pa.Schema | None):
     import pandas as pd
 
     if table is None:
-        schema = SCHEMAS[name]
         table = schema.empty_table() if schema is not None else pa.table({"step": pa.array([], pa.int64())})
     frame = table.to_pandas()
     if "step" not in frame.columns:
         raise RunError(f"table {name} has no step column")
     keys = ["step", "name"] if name == "layers" else ["step"]
-    frame = frame.drop_duplicates(subset=keys, keep="last").sort_values(keys, kind="stable")
+    # stable by step alone: a step's layer rows keep the model's parameter order
+    frame = frame.drop_duplicates(subset=keys, keep="last").sort_values("step", kind="stable")
     return frame.reset_index(drop=True) if isinstance(frame, pd.DataFrame) else frame
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Load a run that has closed, is still running, or was killed (even with SIGKILL)."""
     run_dir = Path(run_dir)
+    for attempt in range(3):
+        try:
+            return _load_run(run_dir)
+        except FileNotFoundError:
+            # the run closed while we read it: its journal made way for the Parquet files; read again
+            if attempt == 2:
+                raise RunError(f"{run_dir}: the run changed while it was read; try again") from None
+
+
+def _load_run(run_dir: Path) -> Run:
     config = read_config(run_dir)
     journal_dir = run_dir / "journal"
+    table_schemas = _schemas_of(config)
     tables = {}
     for name in TABLES:
         parquet = run_dir / f"{name}.parquet"
         if config.get("status") == "finished" and parquet.exists():
             tables[name] = _read_parquet(parquet)
         elif journal_dir.exists():
-            tables[name] = journal.read_table(journal_dir, name, SCHEMAS[name])
+            tables[name] = journal.read_table(journal_dir, name, table_schemas[name])
         elif parquet.exists():
             tables[name] = _read_parquet(parquet)
         else:
@@ -151,7 +187,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         path=run_dir,
         config=config,
         status=config.get("status", "unknown"),
-        **{name: _frame(tables[name], name) for name in TABLES},
+        **{name: _frame(tables[name], name, table_schemas[name]) for name in TABLES},
     )
 
 

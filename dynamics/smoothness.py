@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dynamics.checkpoint import set_rng_state
 from dynamics.distributed import full
+from dynamics.probe import Probe
 
 
 def norms(tensors: list[Tensor]) -> Tensor:
@@ -25,6 +25,28 @@ def norms(tensors: list[Tensor]) -> Tensor:
 def total_norm(tensors: list[Tensor]) -> Tensor:
     """L2 norm of tensors viewed as one vector, on the device (no sync)."""
     return torch.linalg.vector_norm(norms(tensors))
+
+
+@torch.no_grad()
+def smoothness_along(
+    probe: Probe, before: list[Tensor], update: list[Tensor], grad_before: list[Tensor], probes: int, direction: str
+) -> Tensor:
+    """The estimate from a :class:`Probe` of the step, as a 0-dim device tensor (NaN when the update is zero)."""
+    d = update
+    if direction == "gradient":
+        # Santurkar et al.: probe along -g, as far as the update actually went
+        scale = total_norm(d) / total_norm(grad_before)
+        d = torch._foreach_mul(grad_before, -scale)
+    elif direction != "update":
+        raise ValueError(f"direction must be 'update' or 'gradient', got {direction!r}")
+    d_norm = total_norm(d)
+    best = torch.full((), float("nan"), device=d_norm.device, dtype=d_norm.dtype)
+    for k in range(1, probes + 1):
+        gamma = k / (probes + 1)
+        grads = probe.grads([b + gamma * dd for b, dd in zip(before, d)])
+        ratio = total_norm(torch._foreach_sub(grads, grad_before)) / (gamma * d_norm)
+        best = torch.fmax(best, ratio)  # fmax: the first probe replaces the NaN start
+    return torch.where(d_norm > 0, best, torch.full_like(best, float("nan")))
 
 
 @torch.no_grad()
@@ -47,31 +69,5 @@ def smoothness(
     DistributedDataParallel or FSDP2 they are averaged over ranks like training gradients.
     The caller restores its own RNG stream and buffers afterwards.
     """
-    after = [p.detach().clone() for p in params]
-    saved_grads = [p.grad for p in params]
-    d = torch._foreach_sub(after, before)
-    if direction == "gradient":
-        # Santurkar et al.: probe along -g, as far as the update actually went
-        scale = total_norm(d) / total_norm(grad_before)
-        d = torch._foreach_mul(grad_before, -scale)
-    elif direction != "update":
-        raise ValueError(f"direction must be 'update' or 'gradient', got {direction!r}")
-    d_norm = total_norm(d)
-    best = torch.full((), float("nan"), device=d_norm.device, dtype=d_norm.dtype)
-    try:
-        for k in range(1, probes + 1):
-            gamma = k / (probes + 1)
-            for p, b, dd in zip(params, before, d):
-                p.copy_(b + gamma * dd)
-                p.grad = None
-            set_rng_state(rng, device)
-            with torch.enable_grad():
-                closure().backward()
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            ratio = total_norm(torch._foreach_sub(grads, grad_before)) / (gamma * d_norm)
-            best = torch.fmax(best, ratio)  # fmax: the first probe replaces the NaN start
-    finally:
-        for p, a, g in zip(params, after, saved_grads):
-            p.copy_(a)
-            p.grad = g
-    return torch.where(d_norm > 0, best, torch.full_like(best, float("nan")))
+    update = torch._foreach_sub([p.detach() for p in params], before)
+    return smoothness_along(Probe(params, closure, rng, device), before, update, grad_before, probes, direction)

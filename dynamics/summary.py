@@ -1,4 +1,5 @@
-"""The numbers that say what a run did: one row per run for `dyn compare` and `dyn info`."""
+"""The numbers that say what a run did: one row per run for `dyn compare` and `dyn info`, and one
+row per arm (runs that differ only in seed) with intervals over seeds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from typing import Any
 import numpy as np
 
 from dynamics.run import Run
+from dynamics.stats import (
+    DEFAULT_RESAMPLES,
+    block_bootstrap_r,
+    difference_interval,
+    group_runs,
+    mean_interval,
+    r_block_length,
+)
 
+# A run's row: these, then final_<column> for every other column of its eval table.
 COLUMNS = (
     "run",
     "steps",
@@ -16,10 +26,14 @@ COLUMNS = (
     "step_size_mean",
     "step_size_cv",
     "r_value",
+    "r_ci_low",
+    "r_ci_high",
     "clipped_fraction",
     "final_threshold",
     "final_si_sdri",
 )
+# Per-run interval bounds are not averaged over seeds: an arm's r interval is the one over seeds.
+NOT_GROUPED = ("run", "r_ci_low", "r_ci_high")
 
 
 def log_pairs(run: Run) -> tuple[np.ndarray, np.ndarray]:
@@ -47,26 +61,96 @@ def final_threshold(run: Run) -> float:
     return float(run.metrics.threshold.iloc[-1])
 
 
+def r_interval(run: Run, n_resamples: int = DEFAULT_RESAMPLES) -> tuple[float, float, int]:
+    """The 95% moving-block bootstrap interval of r_value (seeded): (low, high, block length in rows)."""
+    x, y = log_pairs(run)
+    _, low, high, block = block_bootstrap_r(x, y, n_resamples=n_resamples)
+    return low, high, block
+
+
+def r_block(run: Run) -> int:
+    """The bootstrap block length (rows) r_interval uses for this run."""
+    return r_block_length(*log_pairs(run))
+
+
+def final_eval(run: Run) -> dict[str, float]:
+    """final_<column> for every numeric column of the eval table: its value at the last evaluation."""
+    out = {}
+    frame = run.eval
+    for column in frame.columns:
+        if column == "step" or not np.issubdtype(frame[column].dtype, np.number):
+            continue
+        out[f"final_{column}"] = float(frame[column].iloc[-1]) if len(frame) else math.nan
+    return out
+
+
 def summarize(run: Run) -> dict[str, Any]:
-    """One row of `dyn compare` (see COLUMNS)."""
+    """One row of `dyn compare`: COLUMNS, then final_<column> for each other eval column."""
     steps = run.steps
     n = len(steps)
     tail = steps.loss.iloc[-max(1, n // 20) :] if n else steps.loss
     step_size = run.metrics.step_size.to_numpy(dtype=float)
     mean = float(np.mean(step_size)) if len(step_size) else math.nan
     cv = float(np.std(step_size) / mean) if len(step_size) and mean > 0 else math.nan
-    si_sdri = run.eval["si_sdri"] if "si_sdri" in run.eval.columns else None
-    return {
+    low, high, _ = r_interval(run)
+    finals = final_eval(run)
+    row = {
         "run": run.name,
         "steps": int(steps.step.iloc[-1]) if n else 0,
         "final_loss": float(tail.mean()) if n else math.nan,
         "step_size_mean": mean,
         "step_size_cv": cv,
         "r_value": r_value(run),
+        "r_ci_low": low,
+        "r_ci_high": high,
         "clipped_fraction": float(steps.clipped.mean()) if n else math.nan,
         "final_threshold": final_threshold(run),
-        "final_si_sdri": float(si_sdri.iloc[-1]) if si_sdri is not None and len(si_sdri) else math.nan,
+        "final_si_sdri": finals.pop("final_si_sdri", math.nan),
     }
+    row.update(finals)
+    return row
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS, then every other key of the rows in order of first appearance (eval columns)."""
+    return list(dict.fromkeys([*COLUMNS, *(k for row in rows for k in row)]))
+
+
+def fill_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the union of their columns, NaN where a run lacks one (say, another task's eval)."""
+    columns = columns_of(rows)
+    return [{c: row.get(c, math.nan) for c in columns} for row in rows]
+
+
+def summarize_groups(runs, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per arm (see dynamics.stats.group_runs): name, n_seeds, and <column>_mean,
+    <column>_ci_low, <column>_ci_high (95% Student t over seeds) for each numeric column.
+
+    With exactly two arms A and B, a third row named "A - B" holds mean(A) - mean(B) with
+    Welch's interval (its n_seeds is None). ``rows``: the runs' summaries, if already computed.
+    """
+    runs = list(runs)
+    if rows is None:
+        rows = [summarize(r) for r in runs]
+    rows = fill_columns(rows)
+    by_run = {id(run): row for run, row in zip(runs, rows)}
+    columns = [c for c in columns_of(rows) if c not in NOT_GROUPED]
+    groups = group_runs(runs)
+    values = [{c: [by_run[id(r)][c] for r in g.runs] for c in columns} for g in groups]
+    out = []
+    for g, v in zip(groups, values):
+        entry: dict[str, Any] = {"name": g.name, "n_seeds": g.n_seeds}
+        for c in columns:
+            entry[f"{c}_mean"], entry[f"{c}_ci_low"], entry[f"{c}_ci_high"] = mean_interval(v[c])
+        out.append(entry)
+    if len(groups) == 2:
+        entry = {"name": f"{groups[0].name} - {groups[1].name}", "n_seeds": None}
+        for c in columns:
+            entry[f"{c}_mean"], entry[f"{c}_ci_low"], entry[f"{c}_ci_high"] = difference_interval(
+                values[0][c], values[1][c]
+            )
+        out.append(entry)
+    return out
 
 
 def json_safe(value: Any) -> Any:

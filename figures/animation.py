@@ -3,6 +3,7 @@ with AutoClip's threshold line moving (the paper's animated Fig. 1)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,24 @@ import numpy as np
 
 from dynamics.run import Run
 from figures import style
+from figures.files import atomic_file
+
+MAX_FRAMES = 1000  # about 150 kB a frame is held until the GIF is written
+MAX_FRAME_S = 655.35  # a GIF frame's delay is 16 bits of hundredths of a second
+
+
+def check_animation(frames: int, duration: float) -> None:
+    """Raise ValueError unless 1 <= frames <= MAX_FRAMES and duration is a finite number of seconds > 0
+    that gives each frame at most a GIF's longest delay."""
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {frames}")
+    if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
+        raise ValueError(f"duration must be a finite number of seconds above 0, got {duration}")
+    if duration / frames > MAX_FRAME_S:
+        raise ValueError(
+            f"duration {duration:g} s over {frames} frame(s) is more than a GIF's {MAX_FRAME_S} s a frame; "
+            "use a shorter duration or more frames"
+        )
 
 
 def threshold_animation(
@@ -26,6 +45,7 @@ def threshold_animation(
     to its iteration, the threshold line at log(threshold) of that moment, and the
     iteration. Frames are drawn by updating the same artists, not by new figures.
     ``on_frame(index, step, ax, line)`` is called after each frame is drawn (for tests).
+    At most MAX_FRAMES frames; the file appears only once complete.
 
     Example::
 
@@ -37,8 +57,7 @@ def threshold_animation(
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    if frames < 1:
-        raise ValueError("frames must be at least 1")
+    check_animation(frames, duration)
     m = run.metrics
     g = m.grad_norm.to_numpy(dtype=float)
     s = m.smoothness.to_numpy(dtype=float)
@@ -72,8 +91,8 @@ def threshold_animation(
     fig.canvas.draw()
     fig.set_layout_engine("none")  # keep the layout computed once: axes cannot move between frames
     background = fig.canvas.copy_from_bbox(fig.bbox)
-    images = []
-    for i, step in enumerate(frame_steps):
+
+    def render(step: float) -> tuple[np.ndarray, int]:
         shown = point_steps <= step
         points.set_offsets(np.column_stack([x[shown], y[shown]]))
         row = max(int(np.searchsorted(steps, step, side="right")) - 1, 0)
@@ -85,7 +104,17 @@ def threshold_animation(
         fig.canvas.restore_region(background)
         for artist in (points, line, clock):
             ax.draw_artist(artist)
-        images.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy(), row
+
+    from PIL import Image
+
+    # one palette for every frame, taken from the fullest (the last) one, drawn first so that each
+    # frame is quantized as drawn: 1 byte a pixel is held per frame instead of 3
+    palette = Image.fromarray(render(frame_steps[-1])[0]).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    images = []
+    for i, step in enumerate(frame_steps):
+        rgb, row = render(step)
+        images.append(Image.fromarray(rgb).quantize(palette=palette, dither=Image.Dither.NONE))
         if on_frame is not None:
             on_frame(i, int(steps[row]), ax, line)
     plt.close(fig)
@@ -93,17 +122,14 @@ def threshold_animation(
     return len(images)
 
 
-def _write_gif(path: str | Path, images: list[np.ndarray], per_frame_ms: int) -> None:
-    """Write frames with one palette, taken from the last (fullest) frame.
+def _write_gif(path: str | Path, frames: list, per_frame_ms: int) -> None:
+    """Write palette frames as a GIF, atomically.
 
     Pillow writes directly: through imageio's pillow plugin every frame is re-mapped to the
     palette in Python (about 45 ms a frame, 30 times the rest of the work). imageio reads
     the result back in the tests.
     """
-    from PIL import Image
-
-    palette = Image.fromarray(images[-1]).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    frames = [Image.fromarray(im).quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
-    frames[0].save(
-        path, format="GIF", save_all=True, append_images=frames[1:], duration=per_frame_ms, loop=0, optimize=False
-    )
+    with atomic_file(path) as f:
+        frames[0].save(
+            f, format="GIF", save_all=True, append_images=frames[1:], duration=per_frame_ms, loop=0, optimize=False
+        )

@@ -1,4 +1,4 @@
-"""Overlay of several runs: step size, log loss, threshold and held-out SI-SDRi over training."""
+"""Overlay of several runs: step size, log loss, threshold and a held-out evaluation metric over training."""
 
 from __future__ import annotations
 
@@ -8,8 +8,23 @@ from dynamics.run import Run
 from figures import style
 
 
-def comparison_figure(runs: list[Run]):
+def eval_columns(runs: list[Run]) -> list[str]:
+    """Numeric columns of the runs' eval tables (step left out), in first-seen order."""
+    import pandas as pd
+
+    out: list[str] = []
+    for run in runs:
+        for c in run.eval.columns:
+            if c != "step" and c not in out and pd.api.types.is_numeric_dtype(run.eval[c].dtype):
+                out.append(c)
+    return out
+
+
+def comparison_figure(runs: list[Run], eval_column: str | None = None):
     """A 2x2 overlay of runs; returns a matplotlib Figure.
+
+    The bottom-right panel shows ``eval_column`` of the runs' eval tables (by default the first
+    numeric eval column any run has; left empty when no run evaluated anything).
 
     Example::
 
@@ -18,6 +33,12 @@ def comparison_figure(runs: list[Run]):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    available = eval_columns(runs)
+    if eval_column is not None and eval_column not in available:
+        raise ValueError(
+            f"no eval column {eval_column!r} in these runs; the eval columns are: {', '.join(available) or 'none'}"
+        )
+    metric = eval_column or (available[0] if available else None)
     colors, labels = style.colors(runs), style.unique_labels(runs)
     with sns.axes_style("whitegrid"):
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), layout="constrained")
@@ -30,13 +51,12 @@ def comparison_figure(runs: list[Run]):
         ax_thr.plot(m.step, m.grad_norm, color=color, lw=0.6, alpha=0.35)
         if style.draws_threshold(run):
             ax_thr.plot(m.step, m.threshold, color=color, lw=1.8, label=f"{lab}: threshold")
-        metric = next((c for c in ("si_sdri", "si_sdr") if c in run.eval.columns), None)
-        if metric is not None and len(run.eval):
+        if metric is not None and metric in run.eval.columns and len(run.eval):
             ax_eval.plot(run.eval.step, run.eval[metric], color=color, marker="o", label=lab)
     ax_step.set(xlabel="Iterations", ylabel="Step size")
     ax_loss.set(xlabel="Iterations", ylabel="log(training loss)")
     ax_thr.set(xlabel="Iterations", ylabel="gradient norm (thin) and threshold", yscale="log")
-    ax_eval.set(xlabel="Iterations", ylabel="held-out SI-SDRi (dB)")
+    ax_eval.set(xlabel="Iterations", ylabel=f"held-out {metric}" if metric else "held-out evaluation (none recorded)")
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")

@@ -7,18 +7,44 @@ import math
 import numpy as np
 
 from dynamics.run import Run
-from dynamics.summary import log_pairs, r_value
+from dynamics.summary import log_pairs
+from figures import groups as arms
 from figures import style
 
 
-def _shared_extent(runs: list[Run]) -> tuple[float, float, float, float]:
+def pooled_log_pairs(group: list[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """log(grad_norm) and log(smoothness) of the kept rows of every run in the group, concatenated."""
+    pairs = [log_pairs(run) for run in group]
+    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
+
+def pooled_r(group: list[Run]) -> float:
+    """Pearson r (``scipy.stats.linregress``) of the pooled logged rows; for one run, Fig. 1's r."""
+    from scipy.stats import linregress
+
+    x, y = pooled_log_pairs(group)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(linregress(x, y).rvalue)
+
+
+def _threshold_x(group: list[Run]) -> float:
+    """Where the threshold line goes: log(final threshold), averaged over seeds."""
+    logs = [arms.final_log_threshold(run) for run in group]
+    logs = [t for t in logs if math.isfinite(t)]
+    return float(np.mean(logs)) if logs else math.nan
+
+
+def _shared_extent(groups: list[list[Run]]) -> tuple[float, float, float, float]:
     xs, ys = [], []
-    for run in runs:
-        x, y = log_pairs(run)
+    for group in groups:
+        x, y = pooled_log_pairs(group)
         xs.append(x)
         ys.append(y)
-        if style.draws_threshold(run):
-            xs.append(np.log([run.metrics.threshold.iloc[-1]]))
+        if style.draws_threshold(group[0]):
+            t = _threshold_x(group)
+            if math.isfinite(t):
+                xs.append(np.array([t]))
     x, y = np.concatenate(xs), np.concatenate(ys)
     if len(y) == 0:
         return (-1.0, 1.0, -1.0, 1.0)
@@ -34,6 +60,11 @@ def fig1(runs: list[Run], gridsize: int = 30, max_columns: int = 3):
     axes, with the Pearson r (``scipy.stats.linregress``) in the panel and, for a clipped
     run, the dotted line at log(threshold at the end of training).
 
+    Runs that differ only in seed (``figures.groups.group_runs``) form one arm: its top curves
+    are the mean over seeds with the 95% t-interval of the mean as a band, and its one hexbin
+    pools the rows of all its seeds (r of the pooled rows; the threshold line at the mean of
+    the seeds' log final thresholds). ``fig.hexbin_axes`` lists the hexbin panels, one per arm.
+
     Example::
 
         from dynamics import load_run
@@ -45,9 +76,10 @@ def fig1(runs: list[Run], gridsize: int = 30, max_columns: int = 3):
 
     if not runs:
         raise ValueError("fig1 needs at least one run")
-    colors = style.colors(runs)
-    labels = style.unique_labels(runs)
-    n = len(runs)
+    groups = arms.group_runs(runs)
+    colors = style.colors([g[0] for g in groups])
+    labels = arms.arm_labels(groups)
+    n = len(groups)
     columns = min(max(n, 2), max_columns)
     rows = math.ceil(n / columns)
     with sns.axes_style("white"):
@@ -56,26 +88,25 @@ def fig1(runs: list[Run], gridsize: int = 30, max_columns: int = 3):
         half = columns
         ax_step = fig.add_subplot(grid[0, :half])
         ax_loss = fig.add_subplot(grid[0, half:])
-        for run, color, lab in zip(runs, colors, labels):
-            m = run.metrics
-            ax_step.plot(m.step, m.step_size, color=color, lw=1.0, label=lab)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ax_loss.plot(m.step, np.log(m.loss.to_numpy(dtype=float)), color=color, lw=1.0, label=lab)
+        for group, color, lab in zip(groups, colors, labels):
+            arms.draw_arm(ax_step, group, "step_size", color, lab)
+            arms.draw_arm(ax_loss, group, "loss", color, lab, transform=np.log)
         ax_step.set(xlabel="Iterations", ylabel="Step size")
         ax_loss.set(xlabel="Iterations", ylabel="log(training loss)")
         for ax in (ax_step, ax_loss):
             ax.legend(loc="upper right", fontsize="small")
             ax.margins(x=0)
-        extent = _shared_extent(runs)
+        extent = _shared_extent(groups)
         fig.hexbin_axes = []
-        for i, (run, color, lab) in enumerate(zip(runs, colors, labels)):
+        for i, (group, color, lab) in enumerate(zip(groups, colors, labels)):
             r, c = divmod(i, columns)
             ax = fig.add_subplot(grid[1 + r, 2 * c : 2 * c + 2])
-            x, y = log_pairs(run)
+            x, y = pooled_log_pairs(group)
             cmap = sns.light_palette(color, as_cmap=True)
             ax.hexbin(x, y, gridsize=gridsize, cmap=cmap, mincnt=1, extent=extent, linewidths=0.2)
-            ax.set(xlim=extent[:2], ylim=extent[2:], xlabel="log(gradient norm)", ylabel="log(smoothness)", title=lab)
-            rv = r_value(run)
+            title = lab if len(group) == 1 else f"{lab}: {arms.seeds_note(group)} pooled"
+            ax.set(xlim=extent[:2], ylim=extent[2:], xlabel="log(gradient norm)", ylabel="log(smoothness)", title=title)
+            rv = pooled_r(group)
             ax.text(
                 0.03,
                 0.95,
@@ -86,9 +117,12 @@ def fig1(runs: list[Run], gridsize: int = 30, max_columns: int = 3):
                 fontsize="medium",
                 gid="r_value",
             )
-            if style.draws_threshold(run):
-                t = math.log(run.metrics.threshold.iloc[-1])
-                ax.axvline(t, color="black", ls=":", lw=1.5, label=style.threshold_label(run), gid="threshold")
+            t = _threshold_x(group)
+            if style.draws_threshold(group[0]) and math.isfinite(t):
+                line_label = style.threshold_label(group[0])
+                if len(group) > 1:
+                    line_label = f"mean {line_label}"
+                ax.axvline(t, color="black", ls=":", lw=1.5, label=line_label, gid="threshold")
                 ax.legend(loc="upper right", fontsize="small")
             fig.hexbin_axes.append(ax)
     return fig

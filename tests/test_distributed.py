@@ -1,4 +1,4 @@
-"""AutoClip under torch.distributed (SPEC 2, items 8-9): DDP and FSDP2, 2 processes, gloo, CPU.
+"""AutoClip under torch.distributed: DDP and FSDP2, 2 processes, gloo, CPU.
 
 One group of two worker processes runs every scenario (process start with the torch import is the
 expensive part); each scenario writes its per-rank results to a file and the tests below compare
@@ -409,7 +409,7 @@ def test_ddp_norm_is_the_averaged_gradient_of_the_full_batch(runs):
     for r in _results(runs, "ddp"):
         # grad_norm is the norm of the (all-reduced) gradient that this rank holds ...
         _assert_rel(r["norm"], r["own_norm"], 1e-6, "AutoClip norm vs float64 norm of the DDP gradients")
-        # ... which is the one-process gradient of the mean loss over batch 2B (SPEC 8).
+        # ... which is the one-process gradient of the mean loss over batch 2B.
         _assert_rel(r["norm"], r["ref_norm"], 1e-5, "DDP norm vs one process on the full batch")
         _assert_rel(r["threshold"], r["ref_threshold"], 1e-5, "DDP threshold vs one process on the full batch")
 

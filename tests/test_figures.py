@@ -45,6 +45,8 @@ COMPARE_COLUMNS = [
     "step_size_mean",
     "step_size_cv",
     "r_value",
+    "r_ci_low",
+    "r_ci_high",
     "clipped_fraction",
     "final_threshold",
     "final_si_sdri",

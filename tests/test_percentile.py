@@ -105,3 +105,16 @@ def test_p_outside_0_100_is_rejected(p):
 def test_window_must_be_positive():
     with pytest.raises(ValueError, match="window"):
         RunningPercentile(10.0, window=0)
+
+
+@pytest.mark.parametrize("window", [2.5, True, "3"])
+def test_window_must_be_an_integer(window):
+    # 2.5 used to act as a window of 3 and True as 1, silently
+    with pytest.raises(TypeError, match="window must be a positive integer"):
+        RunningPercentile(10.0, window=window)
+
+
+@pytest.mark.parametrize("p", [True, "50", None])
+def test_p_must_be_a_number(p):
+    with pytest.raises(TypeError, match="p must be a number"):
+        RunningPercentile(p)

@@ -135,8 +135,8 @@ def finished_run(tmp_path_factory):
         (["--resume", "{run}"], "finished run"),
         (["--resume", "{missing}"], "no such run directory"),
         (["--resume", "{plain}"], "not a run directory"),
-        (["--data", "{plain}"], "not a WSJ0-2mix folder"),
-        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--data", "{plain}"], "WSJ0-2mix folder"),
+        (["--steps", "0"], "--steps must be at least 1"),
     ],
 )
 def test_bad_input_gets_one_line_exit_2_and_leaves_files_alone(finished_run, tmp_path, args, message):

@@ -110,3 +110,20 @@ def test_sweep_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_over_seeds_writes_mean_and_interval_per_cell(tmp_path):
+    from scipy import stats
+
+    out = tmp_path / "sweep"
+    args = ["--p", "100", "--loss", "mi", "--seeds", "0,1,2", "--steps", "8", "--every", "4", "--hidden", "8"]
+    result = dyn("sweep", *args, "--train-mixtures", "8", "--eval-mixtures", "2", "--jobs", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    finals = [load_run(out / f"mi-p100-s{s}").eval.si_sdr.iloc[-1] for s in range(3)]
+    assert len(set(finals)) == 3  # the seeds differ
+    with open(out / "table1.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(finals), scale=stats.sem(finals))
+    assert int(row["n_seeds"]) == 3 and float(row["si_sdr"]) == pytest.approx(np.mean(finals))
+    assert float(row["si_sdr_ci_low"]) == pytest.approx(low) and float(row["si_sdr_ci_high"]) == pytest.approx(high)
+    assert f"{np.mean(finals):.1f} [{low:.1f}, {high:.1f}]" in (out / "table1.md").read_text()

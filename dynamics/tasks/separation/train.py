@@ -2,92 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from autoclip import AutoClip, ClipNorm, Clipper, ClipValue, NoClip
 from dynamics import distributed
+from dynamics.launch import init_distributed
+from dynamics.quantities import Sharpness
 from dynamics.recorder import Recorder
 from dynamics.tasks.separation.data import datasets
 from dynamics.tasks.separation.losses import separation_loss
 from dynamics.tasks.separation.metrics import pit_si_sdr, si_sdr
 from dynamics.tasks.separation.model import SeparationNet, Stft, estimate_sources
+from dynamics.tasks.separation.options import TaskOptions
 
-
-@dataclass
-class TaskOptions:
-    """Everything that defines a run of the built-in task (saved in config.json as ``task``).
-
-    The defaults are sized for two CPU cores; the paper's Fig. 1 network is ``hidden=300``.
-    """
-
-    loss: str = "mi"  # the paper's losses: mi, dc, wkm, chimera, snr
-    loss_scale: float = 1.0
-    steps: int = 6000
-    every: int = 20
-    probes: int = 1
-    direction: str = "update"
-    seed: int = 0
-    p: float | None = 10.0  # AutoClip percentile; None with clip_norm / clip_value / no_clip
-    window: int | None = None
-    clip_norm: float | None = None
-    clip_value: float | None = None
-    no_clip: bool = False
-    layers: int = 2
-    hidden: int = 64
-    batch_size: int = 8
-    lr: float = 1e-3
-    n_samples: int = 4096  # 0.512 s segments at 8 kHz: 65 STFT frames
-    train_mixtures: int = 512
-    eval_mixtures: int = 64
-    eval_every: int = 1000
-    checkpoint_every: int = 200
-    data: str | None = None  # a WSJ0-2mix folder; None: synthetic mixtures
-    device: str = "cpu"
-    dtype: str = "float32"  # or "float64", for runs compared to rounding error
-    record_layers: bool = True
-    nproc: int = 1  # processes (torch.distributed); batch_size is per process
-    fsdp: bool = False  # FSDP2 fully_shard instead of DistributedDataParallel
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskOptions:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def clipper_name(self) -> str:
-        if self.no_clip:
-            return "none"
-        if self.clip_norm is not None:
-            return f"clip-norm {self.clip_norm:g}"
-        if self.clip_value is not None:
-            return f"clip-value {self.clip_value:g}"
-        return f"autoclip p={self.p:g}"
-
-
-def make_clipper(opts: TaskOptions, params) -> Clipper:
-    if opts.no_clip:
-        return NoClip(params)
-    if opts.clip_norm is not None:
-        return ClipNorm(params, opts.clip_norm)
-    if opts.clip_value is not None:
-        return ClipValue(params, opts.clip_value)
-    return AutoClip(params, p=opts.p, window=opts.window)
-
-
-def init_distributed(opts: TaskOptions) -> None:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), on gloo for CPU, NCCL for CUDA."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return
-    cuda = opts.device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+__all__ = ["SeparationTask", "TaskOptions", "record"]
 
 
 class SeparationTask:
@@ -186,30 +118,39 @@ def record(
     """Train the built-in task for ``opts.steps`` steps, recording into ``out``.
 
     ``progress(t, loss, threshold)`` is called after every step (for a progress bar).
-    With ``resume=True`` the run continues from its checkpoint, exactly.
+    With ``resume=True`` the run continues from its checkpoint, exactly (or restarts in
+    place from step 0 if it never reached one).
     """
-    init_distributed(opts)
+    opts = opts.checked()
+    init_distributed(opts.device)
     torch.manual_seed(opts.seed)
     task = SeparationTask(opts)
     # Adam's eps scales with the loss, so a scaled loss trains the same model, only its
     # gradients (and so AutoClip's history) scaled: the paper's footnote 2, exactly.
     optimizer = torch.optim.Adam(task.model.parameters(), lr=opts.lr, eps=1e-8 * opts.loss_scale)
-    clipper = make_clipper(opts, task.model.parameters())
+    quantities = Recorder.default_quantities(layers=opts.record_layers)
+    if opts.sharpness_every:
+        quantities.append(Sharpness(every=opts.sharpness_every))
     rec = Recorder(
         task.model,
         optimizer,
         out,
-        clipper=clipper,
+        clipper=opts.make_clipper(task.model.parameters()),
         every=opts.every,
         probes=opts.probes,
         direction=opts.direction,
-        layers=opts.record_layers,
         resume=resume,
-        config={"task": asdict(opts), "name": Path(out).name, **(config or {})},
+        quantities=quantities,
+        config={
+            "task": opts.to_dict(),
+            "task_description": opts.describe(),
+            "name": Path(out).name,
+            **(config or {}),
+        },
     )
     # Every journal write is flushed as it happens: an exception or a kill loses nothing more
     # than the write in progress, and the run resumes from its last checkpoint.
-    if not resume:
+    if rec.t == 0:
         rec.checkpoint()  # step 0: a run killed before its first checkpoint still resumes
     while rec.t < opts.steps:
         t = rec.t + 1
@@ -220,7 +161,7 @@ def record(
             progress(t, loss, rec.last_info.threshold)
         if t % opts.checkpoint_every == 0 and t < opts.steps:
             rec.checkpoint()
-    if not opts.eval_every or opts.steps % opts.eval_every:
+    if rec.last_eval_step != rec.t:  # once, even if a kill during closing left it in the journal
         rec.log_eval(**task.evaluate())
     rec.close()
     if distributed.active():

@@ -1,0 +1,152 @@
+"""Runs that differ only in seed (an "arm"), and the band drawn for an arm's mean curve.
+
+Grouping rule: two runs are the same arm when their configs are equal after removing the keys
+that say which copy a run is rather than what it is (seed, name, command, status, time, the
+number of steps done, versions and paths; and in config["task"] the device, how often it
+checkpoints and whether it records layers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from dynamics.run import Run
+from dynamics.stats import arm_config, run_seed
+from figures import style
+
+BAND = "95% CI"  # the t-interval of the mean over seeds, in legends
+
+
+def arm_key(config: dict[str, Any]) -> str:
+    """The config with seed, name and bookkeeping removed, as a canonical string."""
+    return json.dumps(arm_config(config), sort_keys=True, default=str)
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped into arms (configs equal but for seed and bookkeeping), in order of first appearance.
+
+    Unlike ``dyn compare --groups``, two runs of one seed may share an arm here (a rerun drawn
+    beside its original): the legend then counts runs, not seeds.
+    """
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(arm_key(run.config), []).append(run)
+    return list(groups.values())
+
+
+def seed_of(run: Run) -> Any:
+    """The run's seed: config["task"]["seed"], else config["seed"], else None."""
+    return run_seed(run.config)
+
+
+def _flat(config: Any, prefix: str = "") -> dict[str, str]:
+    if not isinstance(config, dict):
+        return {prefix: json.dumps(config, sort_keys=True, default=str)}
+    out = {}
+    for k, v in config.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def arm_labels(groups: list[list[Run]]) -> list[str]:
+    """One legend label per arm: the clipper's label; arms that would share one get what tells them apart
+    (the run name for a single run, the differing settings for several seeds)."""
+    if all(len(g) == 1 for g in groups):
+        return style.unique_labels([g[0] for g in groups])
+    base = [style.label(g[0]) for g in groups]
+    flats = [_flat(arm_config(g[0].config)) for g in groups]
+    out = []
+    for i, (lab, group) in enumerate(zip(base, groups)):
+        rivals = [j for j, other in enumerate(base) if other == lab and j != i]
+        if not rivals:
+            out.append(lab)
+        elif len(group) == 1:
+            out.append(f"{lab} ({group[0].name})")
+        else:
+            keys = sorted(k for k in flats[i] if any(flats[j].get(k) != flats[i][k] for j in rivals))
+            parts = [f"{k}={flats[i][k]}" for k in keys[:2]]
+            out.append(f"{lab} ({', '.join(parts) if parts else group[0].name})")
+    return out
+
+
+def seeds_note(group: list[Run]) -> str:
+    """'3 seeds', or '3 runs' when the seeds are not all different (or not recorded)."""
+    seeds = [seed_of(r) for r in group]
+    distinct = None not in seeds and len({json.dumps(s, default=str) for s in seeds}) == len(seeds)
+    return f"{len(group)} {'seeds' if distinct else 'runs'}"
+
+
+def aligned(group: list[Run], column: str, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) with one row of values per run, on the steps every run recorded.
+
+    Runs recorded on different grids are interpolated onto the first run's steps inside the
+    range they all cover. Rows where the column is missing are NaN.
+    """
+    series = []
+    for run in group:
+        m = run.metrics
+        values = m[column].to_numpy(dtype=float) if column in m.columns else np.full(len(m), np.nan)
+        if transform is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = transform(values)
+        series.append((m.step.to_numpy(), values))
+    common = series[0][0]
+    for steps, _ in series[1:]:
+        common = np.intersect1d(common, steps, assume_unique=True)
+    if len(common) >= 2 or all(len(s) <= 1 for s, _ in series):
+        rows = [values[np.searchsorted(steps, common)] for steps, values in series]
+        return common, np.vstack(rows)
+    lo = max(steps[0] for steps, _ in series if len(steps))
+    hi = min(steps[-1] for steps, _ in series if len(steps))
+    grid = series[0][0][(series[0][0] >= lo) & (series[0][0] <= hi)]
+    return grid, np.vstack([np.interp(grid, steps, values) for steps, values in series])
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise mean and two-sided t-interval of the mean over the rows (runs), ignoring non-finite
+    entries; NaN where fewer than two are finite."""
+    from scipy.stats import t
+
+    finite = np.isfinite(values)
+    n = finite.sum(axis=0)
+    x = np.where(finite, values, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, x.sum(axis=0) / n, np.nan)
+        var = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0) / (n - 1)
+        half = t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * np.sqrt(var / n)
+    half = np.where(n >= 2, half, np.nan)
+    return mean, mean - half, mean + half
+
+
+def draw_arm(ax, group: list[Run], column: str, color, label: str, transform=None, lw: float = 1.0) -> None:
+    """One run: its curve, as Fig. 1 always drew it. Several seeds: the mean curve (gid "mean") and
+    the 95% t-interval of the mean as a band (gid "band")."""
+    if len(group) == 1:
+        m = group[0].metrics
+        if column not in m.columns:
+            return
+        values = m[column].to_numpy(dtype=float)
+        if transform is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = transform(values)
+        ax.plot(m.step, values, color=color, lw=lw, label=label)
+        return
+    steps, values = aligned(group, column, transform)
+    if not len(steps):  # no common range: each seed on its own
+        for i, run in enumerate(group):
+            draw_arm(ax, [run], column, color, label if i == 0 else "_nolegend_", transform, lw)
+        return
+    mean, low, high = t_interval(values)
+    ax.fill_between(steps, low, high, color=color, alpha=0.25, linewidth=0, gid="band")
+    ax.plot(steps, mean, color=color, lw=lw, label=f"{label} ({seeds_note(group)}: mean, {BAND})", gid="mean")
+
+
+def final_log_threshold(run: Run) -> float:
+    """log of the last finite, positive threshold the run recorded (NaN if none)."""
+    t = run.metrics.threshold.to_numpy(dtype=float)
+    ok = np.flatnonzero(np.isfinite(t) & (t > 0))
+    return math.log(t[ok[-1]]) if len(ok) else math.nan

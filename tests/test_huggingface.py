@@ -1,0 +1,201 @@
+"""The Hugging Face callbacks: recording leaves training unchanged, AutoClip thresholds, resume_from_checkpoint."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+from dynamics import load_run  # noqa: E402
+from dynamics.integrations.huggingface import AutoClipCallback, DynamicsCallback, RecordingTrainer  # noqa: E402
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16):
+        g = torch.Generator().manual_seed(7)
+        self.ids = torch.randint(0, 50, (n, 12), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model(dropout: float = 0.1):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=50,
+        n_positions=32,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+class Oracle(transformers.TrainerCallback):
+    """The norm of the gradients the optimizer is about to use, computed independently."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+
+class LossSpy(transformers.Trainer):
+    """A plain Trainer that keeps every micro-batch's loss."""
+
+    losses: list
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.losses.append(loss.item())
+        return loss
+
+
+def _train(tmp_path, callbacks, trainer_cls=transformers.Trainer, dropout=0.1, resume=None, **kw):
+    args = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    args.update(kw)
+    trainer = trainer_cls(
+        model=_model(dropout), args=transformers.TrainingArguments(**args), train_dataset=Tokens(), callbacks=callbacks
+    )
+    if trainer_cls is LossSpy:
+        trainer.losses = []
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def _assert_equal_params(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def _tables(run_dir):
+    run = load_run(run_dir)
+    return {
+        name: getattr(run, name).drop(columns=["time_s"], errors="ignore") for name in ("metrics", "steps", "layers")
+    }
+
+
+def test_recording_leaves_training_unchanged(tmp_path):
+    oracle = Oracle()
+    plain = _train(tmp_path, [oracle], trainer_cls=LossSpy, gradient_accumulation_steps=2)
+    with_mixin = _train(
+        tmp_path,
+        [DynamicsCallback(tmp_path / "mixin", every=2, probes=1)],
+        RecordingTrainer,
+        gradient_accumulation_steps=2,
+    )
+    without = _train(tmp_path, [DynamicsCallback(tmp_path / "plain", every=2)], gradient_accumulation_steps=2)
+    _assert_equal_params(_params(plain), _params(with_mixin))
+    _assert_equal_params(_params(plain), _params(without))
+    run = load_run(tmp_path / "mixin")
+    assert run.config["status"] == "finished"
+    assert list(run.steps.step) == [1, 2, 3, 4]
+    assert list(run.metrics.step) == [2, 4]
+    micro = np.float32(plain.losses).astype(np.float64)  # already divided by the 2 accumulation steps
+    np.testing.assert_allclose(run.steps.loss, micro[0::2] + micro[1::2], rtol=1e-6)
+    np.testing.assert_allclose(run.steps.grad_norm, oracle.norms, rtol=1e-6)
+    assert np.isfinite(run.metrics.smoothness).all() and (run.metrics.smoothness > 0).all()
+    bare = load_run(tmp_path / "plain")
+    assert bare.steps.loss.isna().all() and bare.metrics.smoothness.isna().all()
+    np.testing.assert_allclose(bare.steps.grad_norm, oracle.norms, rtol=1e-6)
+    assert (bare.metrics.step_size > 0).all()
+
+
+def test_closure_reevaluates_the_step_loss(tmp_path):
+    seen = []
+
+    class Check(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                seen.append((sum(c() for c in dyn._closures).item(), sum(dyn._losses).item()))
+
+    dyn = DynamicsCallback(tmp_path / "run", every=1, probes=1)
+    _train(tmp_path, [dyn, Check()], RecordingTrainer, dropout=0.0, max_steps=2, gradient_accumulation_steps=2)
+    assert len(seen) == 2
+    for again, loss in seen:
+        assert again == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("dynamics_first", [True, False])
+def test_autoclip_thresholds_with_dynamics_in_either_order(tmp_path, dynamics_first):
+    alone = AutoClipCallback(p=25)
+    reference = _train(tmp_path, [alone], max_steps=6)
+    run_dir = tmp_path / "run"
+    callbacks = [DynamicsCallback(run_dir, every=2, probes=1), AutoClipCallback(p=25)]
+    recorded = _train(tmp_path, callbacks if dynamics_first else callbacks[::-1], RecordingTrainer, max_steps=6)
+    _assert_equal_params(_params(reference), _params(recorded))
+    steps = load_run(run_dir).steps
+    norms = steps.grad_norm.to_numpy()
+    expected = [np.percentile(norms[: t + 1], 25) for t in range(len(norms))]
+    np.testing.assert_array_equal(steps.threshold, expected)
+    np.testing.assert_array_equal(steps.clipped, norms > np.asarray(expected))
+    assert steps.clipped.any()
+    assert sorted(alone.clipper.histories[0].values()) == sorted(norms)
+
+
+def test_max_grad_norm_with_autoclip_warns(tmp_path):
+    with pytest.warns(UserWarning, match="max_grad_norm=0"):
+        _train(tmp_path, [AutoClipCallback(p=10)], max_steps=1, max_grad_norm=1.0)
+
+
+def test_resume_from_checkpoint_records_every_step_once(tmp_path):
+    class StopAt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                control.should_training_stop = True
+
+    common = dict(max_steps=8, gradient_accumulation_steps=1)
+    whole = _train(
+        tmp_path / "a", [DynamicsCallback(tmp_path / "whole", every=2, probes=1), AutoClipCallback(p=25)],
+        RecordingTrainer, **common,
+    )  # fmt: skip
+    saving = dict(save_strategy="steps", save_steps=3, output_dir=str(tmp_path / "b"), **common)
+    first = DynamicsCallback(tmp_path / "resumed", every=2, probes=1, finish=False)
+    _train(tmp_path, [first, AutoClipCallback(p=25), StopAt()], RecordingTrainer, **saving)
+    assert list(load_run(tmp_path / "resumed").steps.step) == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "b" / "checkpoint-3" / "dynamics_recorder.pt").exists()
+    # resume from step 3: the rows of steps 4-6 are dropped and recorded again
+    second = DynamicsCallback(tmp_path / "resumed", every=2, probes=1)
+    resumed = _train(
+        tmp_path, [second, AutoClipCallback(p=25)], RecordingTrainer, resume=str(tmp_path / "b" / "checkpoint-3"),
+        **saving,
+    )  # fmt: skip
+    assert second.recorder.t == 8
+    _assert_equal_params(_params(whole), _params(resumed))
+    a, b = _tables(tmp_path / "whole"), _tables(tmp_path / "resumed")
+    assert list(b["steps"].step) == list(range(1, 9))
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
