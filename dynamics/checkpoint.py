@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,32 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to ``path`` atomically (and durably: fsync before the rename)."""
+    """torch.save to ``path`` atomically (and durably: fsync before the rename).
+
+    On failure nothing is left under either name, the previous checkpoint stays, and a full
+    disk is reported as such (torch's own message, "unexpected pos", does not say it).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError) and isinstance(e, Exception) and disk_full(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """True when the file system of ``folder`` has less than ``margin`` bytes free."""
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:

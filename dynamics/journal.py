@@ -158,6 +158,10 @@ def compact(directory: Path, name: str, out: Path, schema: pa.Schema | None = No
     if table is None:
         table = pa.table({"step": pa.array([], pa.int64())})
     tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no partial file under either name; the journal still holds the rows
+        raise
     return table

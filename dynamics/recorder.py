@@ -6,6 +6,7 @@ plain step itself (``step(closure)``); what it measures on record steps is a lis
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import platform
@@ -39,10 +40,15 @@ def _version(package: str) -> str:
 def describe_clipper(clipper: Clipper) -> dict[str, Any]:
     """The clipper's kind and settings, as config.json records them."""
     state = clipper.state_dict()
-    settings = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    settings = {k: v for k, v in state.items() if v is None or _plain(v)}
     settings.pop("steps", None)
     settings.pop("nonfinite_steps", None)
     return {"kind": type(clipper).__name__, "nonfinite": clipper.nonfinite, **settings}
+
+
+def _plain(value: Any) -> bool:
+    """A setting config.json can hold as it is: a string, bool, int or finite float."""
+    return isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -214,11 +220,6 @@ class Recorder:
             raise RunError(f"{self.run_dir} already holds a run: resume it or choose another directory")
         if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
             raise RunError(f"{self.run_dir} exists and is not an empty directory: choose another directory")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create {self.run_dir}: {e.strerror or e}") from None
-        self._lock()
         config = {
             **user_config,
             "run_id": uuid.uuid4().hex,
@@ -232,7 +233,7 @@ class Recorder:
             "clipper": describe_clipper(self.clipper),
             "optimizer": {
                 "kind": type(self.optimizer).__name__,
-                **{k: v for k, v in self.optimizer.defaults.items() if isinstance(v, (int, float, str, bool))},
+                **{k: v for k, v in self.optimizer.defaults.items() if _plain(v)},
             },
             "model": {"kind": type(self.module).__name__, "parameters": sum(p.numel() for p in self.params)},
             "world_size": distributed.world(),
@@ -245,6 +246,15 @@ class Recorder:
             "schema_version": SCHEMA_VERSION,
             "status": "running",
         }
+        try:
+            json.dumps(config, default=str, allow_nan=False)
+        except ValueError as e:
+            raise ValueError(f"config must be JSON without NaN or infinity: {e}") from None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create {self.run_dir}: {e.strerror or e}") from None
+        self._lock()
         write_json(self.run_dir / "config.json", config)
         return config
 

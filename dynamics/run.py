@@ -91,8 +91,13 @@ class RunError(ValueError):
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -213,7 +218,11 @@ def save_run(run_dir: str | os.PathLike, config: dict[str, Any], **tables: Any) 
     for name, frame in tables.items():
         table = pa.Table.from_pandas(frame, preserve_index=False)
         tmp = run_dir / f"{name}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, run_dir / f"{name}.parquet")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, run_dir / f"{name}.parquet")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     write_json(run_dir / "config.json", {**config, "schema_version": SCHEMA_VERSION, "status": "finished"})
     return run_dir

@@ -90,7 +90,10 @@ def layers_frame(seed: int) -> pd.DataFrame:
             rows.append((step, name, *np.exp(rng.normal(size=4))))
     frame = pd.DataFrame(rows, columns=["step", "name", "grad_norm", "step_size", "param_norm", "update_ratio"])
     frame.loc[3, "grad_norm"] = 0.0  # not positive: a blank cell
-    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # row order must not matter
+    # steps out of order (their order must not matter); each step's rows in model order, as recorded
+    steps = frame.step.unique()
+    rank = dict(zip(steps, np.random.default_rng(seed).permutation(len(steps))))
+    return frame.iloc[np.argsort(frame.step.map(rank).to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def config(seed: int, clipper: dict, lr: float = LR) -> dict:
