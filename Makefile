@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # The study: AutoClip p=10 against no clipping (p=100), SEEDS seeds each, on the speech corpus (about
-# 20 minutes on 2 cores), then docs/study.md with each of the paper's Fig. 1 claims, its interval and
+# 23 minutes on 2 cores), then docs/study.md with each of the paper's Fig. 1 claims, its interval and
 # verdict, and the README's study block, all computed from the runs. Rerunning resumes and skips.
 STUDY := runs/study
 SEEDS ?= 0,1,2,3,4

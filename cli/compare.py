@@ -39,7 +39,7 @@ def _r_note(runs) -> str:
     blocks = sorted({r_block(run) for run in runs})
     span = f"{blocks[0]}" if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
     return (
-        f"r_ci: 95% moving-block bootstrap of the record rows, {DEFAULT_RESAMPLES} resamples (seeded), "
+        f"r_ci: 95% studentized moving-block bootstrap of the record rows, {DEFAULT_RESAMPLES} resamples (seeded), "
         f"block length {span} rows (Politis-White)"
     )
 
@@ -72,9 +72,9 @@ def compare(run_dirs, as_json, as_csv, groups, out):
     One row per run: run, steps, final_loss, step_size_mean, step_size_cv, r_value, r_ci_low,
     r_ci_high, clipped_fraction, final_threshold, final_si_sdri, then final_<column> for every
     other column of the runs' eval tables (empty/null where a run has none). r_ci_low and
-    r_ci_high: a 95% percentile interval of r_value from a moving-block bootstrap over the
-    recorded rows (2000 resamples, seeded, so reruns print the same numbers; block length by
-    Politis and White's rule, stated on stderr).
+    r_ci_high: a 95% interval of r_value from a studentized moving-block bootstrap over the
+    recorded rows (bootstrap-t on Fisher's z; 2000 resamples, seeded, so reruns print the same
+    numbers; block length by Politis and White's rule, stated on stderr).
 
     --groups: runs whose configs differ only in seed (and names, output paths, command line,
     versions, timing) form a group. One entry per group: name, n_seeds, and <column>_mean,

@@ -55,26 +55,12 @@ def given_options(ctx: click.Context, names) -> list[str]:
 
 def check_out(out: Path) -> None:
     """``--out`` must be free (or an empty folder) and creatable: checked before anything is made."""
+    from dynamics.run import RunError, check_new_run_dir
+
     try:
-        _check_out(out)
-    except OSError as e:  # a name too long, a loop of links, an unreadable parent
-        fail(f"--out {out}: {e.strerror or e}")
-
-
-def _check_out(out: Path) -> None:
-    if any(len(part.encode()) > 255 for part in out.parts):
-        fail(f"--out {out}: a folder name is too long")
-    if (out / "config.json").exists():
-        fail(f"--out {out} already holds a run: use --resume {out} to continue it, or choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        fail(f"--out {out} exists and is not an empty directory")
-    parent = out.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        fail(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--out {out}: no permission to write in {parent}")
+        check_new_run_dir(out)
+    except RunError as e:
+        fail(f"--out {e}")
 
 
 @click.command("record")

@@ -25,7 +25,16 @@ from autoclip import ClipInfo, Clipper, NoClip
 from dynamics import distributed, journal
 from dynamics.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dynamics.quantities import ARROW_TYPES, DEFAULTS, Quantity, SetupContext, StepContext
-from dynamics.run import METRICS_BASE, METRICS_LAST, SCHEMA_VERSION, RunError, read_config, schemas, write_json
+from dynamics.run import (
+    METRICS_BASE,
+    METRICS_LAST,
+    SCHEMA_VERSION,
+    RunError,
+    check_new_run_dir,
+    read_config,
+    schemas,
+    write_json,
+)
 
 
 def _version(package: str) -> str:
@@ -216,10 +225,7 @@ class Recorder:
     # -- the run directory -----------------------------------------------------------------
 
     def _create(self, user_config: dict[str, Any]) -> dict[str, Any]:
-        if (self.run_dir / "config.json").exists():
-            raise RunError(f"{self.run_dir} already holds a run: resume it or choose another directory")
-        if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
-            raise RunError(f"{self.run_dir} exists and is not an empty directory: choose another directory")
+        check_new_run_dir(self.run_dir)
         config = {
             **user_config,
             "run_id": uuid.uuid4().hex,

@@ -88,6 +88,28 @@ class RunError(ValueError):
     """A run directory that is missing, is no run, or holds a corrupt table."""
 
 
+def check_new_run_dir(run_dir: str | os.PathLike) -> None:
+    """Raise RunError unless a new run can go into ``run_dir``: no run there, an empty folder or none
+    yet, under a folder this process may write. Checked before anything is created."""
+    run_dir = Path(run_dir)
+    try:
+        if any(len(part.encode()) > 255 for part in run_dir.parts):
+            raise RunError(f"{run_dir}: a folder name is too long")
+        if (run_dir / "config.json").exists():
+            raise RunError(f"{run_dir} already holds a run: resume it, or choose another directory")
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise RunError(f"{run_dir} exists and is not an empty directory: choose another directory")
+        parent = run_dir.absolute()
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunError(f"{run_dir}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"{run_dir}: no permission to write in {parent}")
+    except OSError as e:  # a name too long, a loop of links, an unreadable parent
+        raise RunError(f"{run_dir}: {e.strerror or e}") from None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")

@@ -125,17 +125,25 @@ def block_bootstrap_r(
     n_resamples: int = DEFAULT_RESAMPLES,
     level: float = DEFAULT_LEVEL,
     seed: int = 0,
+    method: str = "studentized",
 ) -> tuple[float, float, float, int]:
-    """Pearson r of paired rows (x, y) with a moving-block bootstrap percentile interval.
+    """Pearson r of paired rows (x, y) with a moving-block bootstrap interval.
 
     Each resample joins ceil(n / block) blocks of ``block`` consecutive rows, started at uniform
-    random rows, cut to n rows. ``block=None``: Politis-White's automatic length for r (see
-    ``r_block_length``). Seeded, so the same inputs give the same interval.
-    Returns (r, low, high, block); the interval is NaN when r is (fewer than 3 rows, a constant).
+    random rows. ``block=None``: Politis-White's automatic length for r (see ``r_block_length``).
+    Seeded, so the same inputs give the same interval. Returns (r, low, high, block); the
+    interval is NaN when r is (fewer than 3 rows, a constant).
 
-    Measured coverage of the 95% interval on 300 rows of AR(1) pairs (phi 0.5 to 0.8): 0.88 to
-    0.91, where an iid bootstrap (block=1) gives 0.66 to 0.85 (tests/test_stats.py). Like any
-    percentile block bootstrap on series this short it runs a little narrow.
+    ``method="studentized"`` (the default) is the block bootstrap-t on Fisher's z = atanh(r):
+    each resample's z* is divided by its own standard error, estimated from its blocks' sums of
+    r's influence function, and the quantiles of that t* set the interval around z with the
+    series' standard error (Kunsch's overlapping-block estimate). ``"percentile"`` takes the
+    quantiles of the resampled r directly (those resamples are cut to n rows).
+
+    Measured coverage of the 95% interval on 300 rows of AR(1) pairs with true r 0.5: studentized
+    0.938 (phi 0.8) and 0.95 (phi 0.5); percentile 0.90 and 0.91; iid bootstrap (block 1) 0.61 to
+    0.85 (tests/test_stats.py). Short autocorrelated series make percentile intervals too narrow;
+    studentizing corrects most of that.
     """
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
     if len(x) != len(y):
@@ -143,7 +151,9 @@ def block_bootstrap_r(
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError("x and y must be finite: leave out the rows with NaN or inf first")
     if n_resamples < MIN_RESAMPLES:
-        raise ValueError(f"n_resamples={n_resamples}: use at least {MIN_RESAMPLES} for a 95% percentile interval")
+        raise ValueError(f"n_resamples={n_resamples}: use at least {MIN_RESAMPLES} for a 95% interval")
+    if method not in ("studentized", "percentile"):
+        raise ValueError(f"method={method!r}: use 'studentized' or 'percentile'")
     _check_level(level)
     n = len(x)
     if block is None:
@@ -154,6 +164,9 @@ def block_bootstrap_r(
     r = _pearson(x, y) if n >= 3 else math.nan
     if not math.isfinite(r):
         return r, math.nan, math.nan, block
+    if method == "studentized":
+        low, high = _studentized(x, y, r, block, n_resamples, level, seed)
+        return r, low, high, block
     # The statistic needs only five sums, so each block is summarized once from prefix sums
     # and a resample is a sum over its blocks: O(resamples x blocks), not O(resamples x rows).
     u = (x - x.mean()) / x.std()
@@ -190,6 +203,59 @@ def block_bootstrap_r(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(rs, [alpha, 1.0 - alpha])
     return r, float(low), float(high), block
+
+
+def _moments(sums: np.ndarray, count: float):
+    """Means, variances and r from sums (..., 5) of x, y, x^2, y^2, xy over ``count`` rows."""
+    mx, my = sums[..., 0] / count, sums[..., 1] / count
+    vx, vy = sums[..., 2] / count - mx * mx, sums[..., 3] / count - my * my
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (sums[..., 4] / count - mx * my) / np.sqrt(vx * vy)
+    return mx, my, vx, vy, r
+
+
+def _influence_sums(blocks: np.ndarray, size: int, mx, my, vx, vy, r) -> np.ndarray:
+    """Each block's sum of r's influence function u v - r (u^2 + v^2) / 2, from its raw sums (..., 5)."""
+    sx, sy, sxx, syy, sxy = np.moveaxis(blocks, -1, 0)
+    cxy = sxy - my * sx - mx * sy + size * mx * my
+    cxx = sxx - 2 * mx * sx + size * mx * mx
+    cyy = syy - 2 * my * sy + size * my * my
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cxy / np.sqrt(vx * vy) - 0.5 * r * (cxx / vx + cyy / vy)
+
+
+def _studentized(x, y, r: float, block: int, n_resamples: int, level: float, seed: int) -> tuple[float, float]:
+    n = len(x)
+    # center and scale first: the sums below then lose no precision to large means
+    x = (x - x.mean()) / x.std()
+    y = (y - y.mean()) / y.std()
+    prefix = np.zeros((n + 1, 5))
+    np.cumsum(np.stack([x, y, x * x, y * y, x * y], axis=1), axis=0, out=prefix[1:])
+    full = prefix[block:] - prefix[: n - block + 1]  # raw sums of the block starting at each row
+    m, k = n - block + 1, -(-n // block)
+    # the series' standard error of r: Kunsch's estimate from all overlapping blocks
+    psi = _influence_sums(full, block, *_moments(prefix[-1], n))
+    se_r = math.sqrt(float(np.mean(psi * psi)) / block / n)
+    z, se = math.atanh(min(max(r, -1 + 1e-12), 1 - 1e-12)), se_r / (1 - r * r)
+    if not se > 0:
+        return r, r  # every block is the whole series: no spread to resample
+    rng = np.random.default_rng(seed)
+    t = np.empty(n_resamples)
+    size = k * block
+    chunk = max(1, 2_000_000 // (5 * k))
+    for i in range(0, n_resamples, chunk):
+        blocks = full[rng.integers(0, m, size=(min(chunk, n_resamples - i), k))]  # (chunk, k, 5)
+        mx, my, vx, vy, rs = _moments(blocks.sum(axis=1), size)
+        psi = _influence_sums(blocks, block, *(a[:, None] for a in (mx, my, vx, vy, rs)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            se_star = np.sqrt((psi * psi).sum(axis=1)) / size / (1 - rs * rs)
+            t[i : i + len(rs)] = (np.arctanh(np.clip(rs, -1 + 1e-12, 1 - 1e-12)) - z) / se_star
+    t = t[np.isfinite(t)]
+    if len(t) < MIN_RESAMPLES // 2:
+        return math.nan, math.nan
+    alpha = (1.0 - level) / 2.0
+    q_low, q_high = np.quantile(t, [alpha, 1.0 - alpha])
+    return math.tanh(z - q_high * se), math.tanh(z - q_low * se)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def study(runs: list[Run], figure: str | None = None) -> tuple[str, str]:
             f"| {c.text} ({c.better} is the paper's side) | {c.paper} | {_interval(*ma)} | {_interval(*mb)} | "
             f"{_interval(*diff)} | **{v}** |"
         )
-    lines += ["", "Per run (r with its 95% moving-block bootstrap interval over the record rows):", ""]
+    lines += ["", "Per run (r with its 95% studentized moving-block bootstrap interval over the record rows):", ""]
     lines += [
         "| run | arm | step size CV | final loss | r [95%] | block (rows) | final SI-SDRi |",
         "|---|---|---|---|---|---|---|",

@@ -73,3 +73,32 @@ def dyn(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, env=CLI_ENV, **kw
     )
+
+
+def naive_block_t_interval(x, y, block, n_resamples=2000, level=0.95, seed=0):
+    """The studentized moving-block bootstrap of Pearson r written the long way (row indices, per-row
+    influence values), as an oracle for dynamics.stats.block_bootstrap_r: resamples of ceil(n / block)
+    whole blocks, t* = (atanh r* - atanh r) / se*, se from each resample's block sums of r's influence
+    function, the series' se from all overlapping blocks."""
+    import numpy as np
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    k, m = -(-n // block), n - block + 1
+
+    def r_and_influence(xs, ys):
+        u, v = (xs - xs.mean()) / xs.std(), (ys - ys.mean()) / ys.std()
+        r = np.mean(u * v)
+        return r, u * v - r / 2 * (u * u + v * v)
+
+    r, psi = r_and_influence(x, y)
+    sums = np.array([psi[s : s + block].sum() for s in range(m)])
+    z, se = np.arctanh(r), np.sqrt(np.mean(sums**2) / block / n) / (1 - r * r)
+    ts = []
+    for starts in np.random.default_rng(seed).integers(0, m, size=(n_resamples, k)):
+        idx = (starts[:, None] + np.arange(block)).ravel()
+        rs, ps = r_and_influence(x[idx], y[idx])
+        se_star = np.sqrt((ps.reshape(k, block).sum(axis=1) ** 2).sum()) / (k * block) / (1 - rs * rs)
+        ts.append((np.arctanh(rs) - z) / se_star)
+    low, high = np.quantile(ts, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.tanh(z - high * se)), float(np.tanh(z - low * se))

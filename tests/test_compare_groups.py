@@ -15,7 +15,6 @@ import io
 import json
 import math
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,9 +22,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dynamics.run import load_run, save_run
+from dynamics.run import save_run
 from dynamics.stats import r_block_length
-from tests.helpers import dyn
+from tests.helpers import dyn, naive_block_t_interval
 
 ROWS, EVERY, SEEDS = 300, 10, (0, 1, 2)
 ARMS = {"p10": (10.0, 0.3), "p100": (100.0, 0.8)}  # name: (p, correlation of the logged pairs)
@@ -175,17 +174,9 @@ def results(built, tmp_path_factory):
 
 
 def oracle_bootstrap(x, y, n_resamples=2000, level=0.95, seed=0):
-    """Moving-block bootstrap percentile interval of r, resampled index by index."""
-    n = len(x)
+    """The studentized moving-block bootstrap interval of r, resampled index by index (tests/helpers.py)."""
     block = r_block_length(x, y)
-    k = -(-n // block)
-    starts = np.random.default_rng(seed).integers(0, n - block + 1, size=(n_resamples, k))
-    idx = (starts[:, :, None] + np.arange(block)).reshape(n_resamples, -1)[:, :n]
-    xs, ys = x[idx], y[idx]
-    xs = xs - xs.mean(axis=1, keepdims=True)
-    ys = ys - ys.mean(axis=1, keepdims=True)
-    rs = (xs * ys).sum(1) / np.sqrt((xs * xs).sum(1) * (ys * ys).sum(1))
-    return np.quantile(rs, [(1 - level) / 2, (1 + level) / 2]), block
+    return naive_block_t_interval(x, y, block, n_resamples, level, seed), block
 
 
 def oracle_row(name, tables) -> dict:
@@ -381,16 +372,3 @@ def test_info_prints_eval_columns_by_name_and_a_generic_task(results, built):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "task       a classifier" in r.stdout and "final eval accuracy 0.875" in r.stdout
     assert "SI-SDR" not in r.stdout
-
-
-def test_compare_six_runs_is_fast(built):
-    from dynamics.summary import fill_columns, summarize, summarize_groups
-
-    dirs = [built[n][0] for n in names()]
-    load_run(dirs[0])
-    summarize_groups([load_run(dirs[0])])  # imports
-    t = time.perf_counter()
-    runs = [load_run(d) for d in dirs]
-    rows = fill_columns([summarize(r) for r in runs])
-    summarize_groups(runs, rows)
-    assert time.perf_counter() - t < 1.0

@@ -185,3 +185,55 @@ def test_a_full_disk_while_saving_a_figure_leaves_no_file(tiny_disk, tmp_path):
     assert result.returncode in (1, 2), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+def test_a_bug_inside_training_is_a_traceback_with_exit_1_not_bad_input(tmp_path):
+    code = (
+        "import sys\n"
+        "from dynamics.tasks.separation import train\n"
+        "def broken(self, t):\n"
+        "    raise ValueError('a bug in the task')\n"
+        "train.SeparationTask.closure = broken\n"
+        "from cli.main import main\n"
+        f"sys.argv = ['dyn', 'record', *{TINY!r}, '--steps', '5', '--out', {str(tmp_path / 'run')!r}]\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CLI_ENV)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ValueError: a bug in the task" in result.stderr
+    assert "dyn: error" not in result.stderr
+
+
+def test_sharpness_every_records_sharpness_on_its_steps(tmp_path):
+    run = tmp_path / "run"
+    result = dyn("record", *TINY, "--steps", "20", "--sharpness-every", "10", "--out", run)
+    assert result.returncode == 0, result.stderr
+    metrics = load_run(run).metrics.set_index("step")
+    assert metrics.sharpness.loc[[10, 20]].notna().all() and metrics.sharpness.loc[[5, 15]].isna().all()
+    assert (metrics.sharpness.loc[[10, 20]] > 0).all()
+
+
+def test_load_run_reads_a_run_that_closes_while_it_is_read(tmp_path, monkeypatch):
+    import dynamics.journal as journal
+
+    run = tmp_path / "run"
+    assert dyn("record", *TINY, "--steps", "10", "--out", run).returncode == 0
+    import json
+
+    config = json.loads((run / "config.json").read_text())
+    config["status"] = "running"  # as seen by a reader just before the run finished closing
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "journal").mkdir()
+    calls = []
+
+    def closing(directory, name, schema=None):
+        calls.append(name)
+        # the closing writer marks the run finished and removes its journal under our feet
+        config["status"] = "finished"
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "journal").rmdir() if (run / "journal").exists() else None
+        raise FileNotFoundError(directory)
+
+    monkeypatch.setattr(journal, "read_table", closing)
+    loaded = load_run(run)
+    assert calls and loaded.status == "finished" and len(loaded.steps) == 10
