@@ -123,9 +123,13 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=6, help="timed blocks per variant")
     parser.add_argument("--block", type=int, default=100, help="steps per block (a multiple of 100)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few blocks, default variants only")
+    parser.add_argument("--only", default="", help="variants whose names contain one of these, comma-separated")
     args = parser.parse_args()
     blocks, block, rows = (2, 100, 100_000) if args.quick else (args.blocks, args.block, 1_000_000)
     names = list(VARIANTS)[:3] if args.quick else list(VARIANTS)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        names = [n for n in names if n == "unrecorded" or n.startswith("default (") or any(w in n for w in wanted)]
 
     times = training_overhead(blocks, block, names)
     base = statistics.median(times["unrecorded"])

@@ -280,8 +280,9 @@ class Sharpness(Quantity):
     Power iteration on Hessian-vector products (double backward) from a start vector drawn
     from a generator seeded by the step (the training RNG is untouched), ``iters`` products,
     no host sync. It finds the eigenvalue of largest magnitude, which is the top one where the
-    Hessian is positive semi-definite. Costs about ``2 x iters`` backward passes: measure it
-    less often than the other quantities (``every=100``). One process only; NaN without a closure.
+    Hessian is positive semi-definite. Each product is a double backward, several training steps'
+    worth (about ten for the built-in BLSTM on CPU), so measure it far less often than the other
+    quantities (``every=1000``) or with fewer ``iters``. One process only; NaN without a closure.
     """
 
     name = "sharpness"

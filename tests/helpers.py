@@ -102,3 +102,36 @@ def naive_block_t_interval(x, y, block, n_resamples=2000, level=0.95, seed=0):
         ts.append((np.arctanh(rs) - z) / se_star)
     low, high = np.quantile(ts, [(1 - level) / 2, (1 + level) / 2])
     return float(np.tanh(z - high * se)), float(np.tanh(z - low * se))
+
+
+def assert_equal_params(a, b) -> None:
+    """Two lists of tensors are equal, bit for bit."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def tables_without_time(run_dir) -> dict:
+    """A run's metrics, steps and layers tables without their wall-clock column (equal across reruns)."""
+    from dynamics import load_run
+
+    run = load_run(run_dir)
+    return {
+        name: getattr(run, name).drop(columns=["time_s"], errors="ignore") for name in ("metrics", "steps", "layers")
+    }
+
+
+def backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Fresh gradients of the mean squared error of ``model`` on (x, y)."""
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+def save_load(state):
+    """``state`` through torch.save / torch.load(weights_only=True), in memory."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

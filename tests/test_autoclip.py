@@ -1,32 +1,19 @@
 """AutoClip against independent oracles: numpy.percentile, clip_grad_norm_, a plain loop."""
 
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from helpers import batches, grads_of, make_model, total_norm, train
+from helpers import backward, batches, grads_of, make_model, save_load, total_norm, train
 
 from autoclip import AutoClip, NonFiniteGradientError
-
-
-def _backward(model, x, y):
-    model.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-
-
-def _save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_grad_norm_equals_clip_grad_norm_return_value():
     model = make_model()
     ((x, y),) = batches(1)
-    _backward(model, x, y)
+    backward(model, x, y)
     model[2].bias.grad = None  # parameters without a gradient are skipped, as torch does
     reference = [p.detach().clone() for p in model.parameters()]
     for p, r in zip(model.parameters(), reference):
@@ -75,7 +62,7 @@ def test_clipped_total_norm_is_min_of_grad_norm_and_threshold(dtype, tol):
     clip = AutoClip(model.parameters(), p=10)
     n_clipped = 0
     for x, y in batches(40, dtype=dtype):
-        _backward(model, x, y)
+        backward(model, x, y)
         info = clip.step()
         after = total_norm(grads_of(model))
         expected = min(info.grad_norm, info.threshold)
@@ -91,7 +78,7 @@ def test_gradient_at_the_threshold_is_untouched():
     ((x, y),) = batches(1)
     clip = AutoClip(model.parameters(), p=0)
     for _ in range(2):
-        _backward(model, x, y)
+        backward(model, x, y)
         before = grads_of(model)
         info = clip.step()
         assert info.threshold == info.grad_norm and not info.clipped
@@ -125,7 +112,7 @@ def test_state_dict_resume_at_step_25_gives_same_thresholds(kwargs):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     clip = clipper(model)
     first = train(model, data[:25], optimizer=opt, clipper=clip)
-    saved = _save_load({"model": model.state_dict(), "opt": opt.state_dict(), "clip": clip.state_dict()})
+    saved = save_load({"model": model.state_dict(), "opt": opt.state_dict(), "clip": clip.state_dict()})
 
     model = make_model(seed=123)
     model.load_state_dict(saved["model"])
@@ -150,7 +137,7 @@ def test_per_group_thresholds_follow_each_groups_own_history():
     clip = AutoClip(groups, p=20, per_group=True)
     histories = [[], [], []]
     for x, y in batches(30):
-        _backward(model, x, y)
+        backward(model, x, y)
         expected_norms = [total_norm(p.grad for p in model[i].parameters()) for i in (0, 2, 4)]
         info = clip.step()
         for k in range(3):
@@ -165,7 +152,7 @@ def test_per_group_thresholds_follow_each_groups_own_history():
 def test_per_group_total_norm_equals_clip_grad_norm():
     model = make_model()
     ((x, y),) = batches(1)
-    _backward(model, x, y)
+    backward(model, x, y)
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
     clip = AutoClip([{"params": model[0].parameters()}, {"params": model[2:].parameters()}], per_group=True)
     assert clip.step().grad_norm == expected
@@ -219,7 +206,7 @@ def test_skipped_nonfinite_steps_in_a_run_stay_out_of_the_history():
     clip = AutoClip(model.parameters(), p=10)
     finite_norms = []
     for t, (x, y) in enumerate(batches(30)):
-        _backward(model, x, y)
+        backward(model, x, y)
         if t % 5 == 2:
             _poison(model, float("nan"))
         info = clip.step()
@@ -247,7 +234,7 @@ def test_one_host_transfer_per_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     for clip in clips:
         for _ in range(3):
-            _backward(model, x, y)
+            backward(model, x, y)
             count["n"] = 0
             clip.step()
             assert count["n"] == 1

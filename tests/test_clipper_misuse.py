@@ -2,7 +2,6 @@
 named parameters, copies of wrapped optimizers, LBFGS closures, bad settings and mismatched states."""
 
 import copy
-import io
 import math
 import pickle
 import warnings
@@ -10,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import batches, make_model
+from helpers import backward, batches, make_model, save_load
 
 from autoclip import AutoClip, ClipNorm, ClipValue, NoClip, RunningPercentile, wrap
 
@@ -20,18 +19,6 @@ KINDS = {
     "clipvalue": lambda ps: ClipValue(ps, 0.01),
     "noclip": NoClip,
 }
-
-
-def _backward(model, x, y):
-    model.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-
-
-def _save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _two_groups(model):
@@ -59,7 +46,7 @@ def test_step_without_gradients_does_not_enter_history():
             )
             assert len(clip.histories[0]) == len(norms)
             continue
-        _backward(model, x, y)
+        backward(model, x, y)
         info = clip.step()
         norms.append(info.grad_norm)
         assert info.threshold == float(np.percentile(norms, 0))
@@ -82,7 +69,7 @@ def test_all_zero_gradients_do_not_enter_history():
     model = make_model()
     clip = AutoClip(model.parameters(), p=0)
     (x, y), _ = batches(2)
-    _backward(model, x, y)
+    backward(model, x, y)
     first = clip.step()
     model.zero_grad(set_to_none=False)
     info = clip.step()
@@ -99,7 +86,7 @@ def test_windowed_history_skips_steps_without_gradients():
             model.zero_grad(set_to_none=True)
             assert clip.step().threshold == float(np.percentile(norms[-3:], 30))
             continue
-        _backward(model, x, y)
+        backward(model, x, y)
         info = clip.step()
         norms.append(info.grad_norm)
         assert info.threshold == float(np.percentile(norms[-3:], 30))
@@ -144,7 +131,7 @@ def test_per_group_history_round_trips_with_a_frozen_group():
     model = make_model()
     clip = AutoClip(_two_groups(model), p=20, per_group=True, window=6)
     first = _frozen_then_unfrozen(model, clip, data[:8], frozen_steps=10)
-    saved = _save_load(clip.state_dict())
+    saved = save_load(clip.state_dict())
     assert len(saved["histories"][1]) == 0
     clip = AutoClip(_two_groups(model), p=20, per_group=True, window=6)
     clip.load_state_dict(saved)
@@ -287,7 +274,7 @@ def test_bare_clippers_deepcopy_and_pickle(kind):
     model = make_model()
     clip = KINDS[kind](model.parameters())
     for x, y in batches(4):
-        _backward(model, x, y)
+        backward(model, x, y)
         clip.step()
     for steps, duplicate in enumerate((copy.deepcopy, lambda c: pickle.loads(pickle.dumps(c))), start=4):
         twin = duplicate(clip)
@@ -363,7 +350,7 @@ def test_closure_step_with_sgd_equals_clip_then_step():
     plain_clip = AutoClip(plain.parameters(), p=10)
     opt = wrap(torch.optim.SGD(closed.parameters(), lr=0.05, momentum=0.9), AutoClip(closed.parameters(), p=10))
     for x, y in data:
-        _backward(plain, x, y)
+        backward(plain, x, y)
         expected = plain_clip.step()
         plain_opt.step()
 
@@ -408,8 +395,8 @@ def test_named_parameters_are_accepted_like_torch_optimizers():
     )
     assert [q for g in named_groups.groups for q in g] == list(b.parameters())
     for x, y in data:
-        _backward(a, x, y)
-        _backward(b, x, y)
+        backward(a, x, y)
+        backward(b, x, y)
         assert by_name.step() == by_tensor.step()
 
 
@@ -419,7 +406,7 @@ def test_param_groups_of_an_optimizer_built_from_named_parameters():
     assert "param_names" in opt.param_groups[0]
     clip = AutoClip(opt.param_groups, per_group=True)
     ((x, y),) = batches(1)
-    _backward(model, x, y)
+    backward(model, x, y)
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
     assert clip.step().grad_norm == expected
     wrap(opt, clip)
@@ -478,7 +465,7 @@ def test_frozen_parameters_are_accepted():
     model[0].requires_grad_(False)
     clip = AutoClip(model.parameters(), p=100)
     ((x, y),) = batches(1)
-    _backward(model, x, y)
+    backward(model, x, y)
     expected = torch.nn.utils.get_total_norm([p.grad for p in model[2:].parameters()]).item()
     assert clip.step().grad_norm == expected
 
@@ -489,7 +476,7 @@ def test_frozen_parameters_are_accepted():
 def test_duplicate_parameter_in_one_group_is_counted_once():
     model = make_model()
     ((x, y),) = batches(1)
-    _backward(model, x, y)
+    backward(model, x, y)
     params = list(model.parameters())
     ref = _twins(params)
     expected = torch.nn.utils.clip_grad_norm_(ref, 0.05).item()
@@ -581,7 +568,7 @@ def test_torch_clip_grad_norm_does_not_validate_max_norm():
 
 def _trained(clip, model, n=4):
     for x, y in batches(n):
-        _backward(model, x, y)
+        backward(model, x, y)
         clip.step()
     return clip
 
@@ -603,7 +590,7 @@ def _trained(clip, model, n=4):
 )
 def test_load_state_dict_refuses_another_kind_or_setting(source, target, match):
     model = make_model()
-    state = _save_load(_trained(source(model.parameters()), model).state_dict())
+    state = save_load(_trained(source(model.parameters()), model).state_dict())
     clip = _trained(target(model.parameters()), model, n=2)
     before = clip.state_dict()
     with pytest.raises(ValueError, match=match):

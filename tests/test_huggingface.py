@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from dynamics import load_run  # noqa: E402
 from dynamics.integrations.huggingface import AutoClipCallback, DynamicsCallback, RecordingTrainer  # noqa: E402
+from tests.helpers import assert_equal_params, tables_without_time  # noqa: E402
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -95,19 +96,6 @@ def _params(trainer):
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
-def _assert_equal_params(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-
-
-def _tables(run_dir):
-    run = load_run(run_dir)
-    return {
-        name: getattr(run, name).drop(columns=["time_s"], errors="ignore") for name in ("metrics", "steps", "layers")
-    }
-
-
 def test_recording_leaves_training_unchanged(tmp_path):
     oracle = Oracle()
     plain = _train(tmp_path, [oracle], trainer_cls=LossSpy, gradient_accumulation_steps=2)
@@ -118,8 +106,8 @@ def test_recording_leaves_training_unchanged(tmp_path):
         gradient_accumulation_steps=2,
     )
     without = _train(tmp_path, [DynamicsCallback(tmp_path / "plain", every=2)], gradient_accumulation_steps=2)
-    _assert_equal_params(_params(plain), _params(with_mixin))
-    _assert_equal_params(_params(plain), _params(without))
+    assert_equal_params(_params(plain), _params(with_mixin))
+    assert_equal_params(_params(plain), _params(without))
     run = load_run(tmp_path / "mixin")
     assert run.config["status"] == "finished"
     assert list(run.steps.step) == [1, 2, 3, 4]
@@ -156,7 +144,7 @@ def test_autoclip_thresholds_with_dynamics_in_either_order(tmp_path, dynamics_fi
     run_dir = tmp_path / "run"
     callbacks = [DynamicsCallback(run_dir, every=2, probes=1), AutoClipCallback(p=25)]
     recorded = _train(tmp_path, callbacks if dynamics_first else callbacks[::-1], RecordingTrainer, max_steps=6)
-    _assert_equal_params(_params(reference), _params(recorded))
+    assert_equal_params(_params(reference), _params(recorded))
     steps = load_run(run_dir).steps
     norms = steps.grad_norm.to_numpy()
     expected = [np.percentile(norms[: t + 1], 25) for t in range(len(norms))]
@@ -194,8 +182,8 @@ def test_resume_from_checkpoint_records_every_step_once(tmp_path):
         **saving,
     )  # fmt: skip
     assert second.recorder.t == 8
-    _assert_equal_params(_params(whole), _params(resumed))
-    a, b = _tables(tmp_path / "whole"), _tables(tmp_path / "resumed")
+    assert_equal_params(_params(whole), _params(resumed))
+    a, b = tables_without_time(tmp_path / "whole"), tables_without_time(tmp_path / "resumed")
     assert list(b["steps"].step) == list(range(1, 9))
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)

@@ -12,6 +12,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from dynamics import load_run  # noqa: E402
 from dynamics.integrations.lightning import AutoClipCallback, DynamicsCallback  # noqa: E402
+from tests.helpers import assert_equal_params, tables_without_time  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -79,24 +80,11 @@ def _params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def _assert_equal_params(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-
-
-def _tables(run_dir):
-    run = load_run(run_dir)
-    return {
-        name: getattr(run, name).drop(columns=["time_s"], errors="ignore") for name in ("metrics", "steps", "layers")
-    }
-
-
 def test_recording_leaves_training_unchanged_and_writes_rows(tmp_path):
     oracle = Oracle()
     plain, _ = _fit(tmp_path, [oracle])
     recorded, _ = _fit(tmp_path, [DynamicsCallback(tmp_path / "run", every=2, probes=1)])
-    _assert_equal_params(_params(plain), _params(recorded))
+    assert_equal_params(_params(plain), _params(recorded))
     run = load_run(tmp_path / "run")
     assert run.config["status"] == "finished"
     assert list(run.steps.step) == list(range(1, 9))
@@ -115,7 +103,7 @@ def test_accumulated_gradients_record_one_row_per_optimizer_step(tmp_path):
     recorded, _ = _fit(
         tmp_path, [DynamicsCallback(tmp_path / "run", every=2, probes=1)], max_steps=4, accumulate_grad_batches=2
     )
-    _assert_equal_params(_params(plain), _params(recorded))
+    assert_equal_params(_params(plain), _params(recorded))
     run = load_run(tmp_path / "run")
     assert list(run.steps.step) == [1, 2, 3, 4]
     micro = np.float32(oracle.losses).astype(np.float64)  # Lightning's outputs are already divided by 2
@@ -131,7 +119,7 @@ def test_autoclip_and_dynamics_in_either_order(tmp_path, dynamics_first):
     run_dir = tmp_path / f"run{dynamics_first}"
     callbacks = [DynamicsCallback(run_dir, every=2, probes=1), AutoClipCallback(p=25)]
     recorded, _ = _fit(tmp_path, callbacks if dynamics_first else callbacks[::-1])
-    _assert_equal_params(_params(reference), _params(recorded))  # clipped once per step, as AutoClip alone
+    assert_equal_params(_params(reference), _params(recorded))  # clipped once per step, as AutoClip alone
     steps = load_run(run_dir).steps
     norms = steps.grad_norm.to_numpy()
     expected = [np.percentile(norms[: t + 1], 25) for t in range(len(norms))]
@@ -156,8 +144,8 @@ def test_resume_from_a_checkpoint_records_what_an_uninterrupted_run_records(tmp_
     second = DynamicsCallback(tmp_path / "resumed", every=2)
     resumed, trainer = fit([second, AutoClipCallback(p=25)], max_steps=12, ckpt_path=step3)
     assert trainer.global_step == 12 and second.recorder.t == 12
-    _assert_equal_params(_params(whole), _params(resumed))
-    a, b = _tables(tmp_path / "whole"), _tables(tmp_path / "resumed")
+    assert_equal_params(_params(whole), _params(resumed))
+    a, b = tables_without_time(tmp_path / "whole"), tables_without_time(tmp_path / "resumed")
     assert list(b["steps"].step) == list(range(1, 13))
     assert b["steps"].clipped.any()
     for name in a:
