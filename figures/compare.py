@@ -23,8 +23,9 @@ def eval_columns(runs: list[Run]) -> list[str]:
 def comparison_figure(runs: list[Run], eval_column: str | None = None):
     """A 2x2 overlay of runs; returns a matplotlib Figure.
 
-    The bottom-right panel shows ``eval_column`` of the runs' eval tables (by default the first
-    numeric eval column any run has; left empty when no run evaluated anything).
+    The bottom-right panel shows ``eval_column`` of the runs' eval tables (by default the metric
+    the runs' configs name as ``eval_metric``, else the first numeric eval column any run has;
+    left empty when no run evaluated anything).
 
     Example::
 
@@ -38,7 +39,9 @@ def comparison_figure(runs: list[Run], eval_column: str | None = None):
         raise ValueError(
             f"no eval column {eval_column!r} in these runs; the eval columns are: {', '.join(available) or 'none'}"
         )
-    metric = eval_column or (available[0] if available else None)
+    declared = [r.config.get("eval_metric") for r in runs]  # the task's headline metric, if it names one
+    preferred = declared[0] if declared and len(set(declared)) == 1 and declared[0] in available else None
+    metric = eval_column or preferred or (available[0] if available else None)
     colors, labels = style.colors(runs), style.unique_labels(runs)
     with sns.axes_style("whitegrid"):
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), layout="constrained")

@@ -144,6 +144,7 @@ def record(
         config={
             "task": opts.to_dict(),
             "task_description": opts.describe(),
+            "eval_metric": "si_sdri",  # the headline of the eval table, for figures that show one
             "name": Path(out).name,
             **(config or {}),
         },
