@@ -136,7 +136,6 @@ class Recorder:
         self.quantities = self._check_quantities(
             list(quantities) if quantities is not None else self.default_quantities(layers=layers)
         )
-        self.layers = any(q.table == "layers" for q in self.quantities)
         self.schemas = schemas(
             [c for q in self.quantities if q.table == "metrics" for c in q.columns.items()],
             [c for q in self.quantities if q.table == "layers" for c in q.columns.items()],

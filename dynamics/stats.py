@@ -277,16 +277,28 @@ def mean_interval(values, level: float = DEFAULT_LEVEL) -> tuple[float, float, f
     n = len(a)
     if n == 0:
         return math.nan, math.nan, math.nan
-    mean = float(np.mean(a))
-    if n == 1 or not np.all(np.isfinite(a)):
+    if not np.all(np.isfinite(a)):  # an infinite value: no interval, unless all are that value
+        mean = float(np.mean(a))
         same = n > 1 and bool(np.all(a == a[0]))
         return (mean, mean, mean) if same else (mean, math.nan, math.nan)
+    mean, low, high = mean_intervals(a[:, None], level)
+    return float(mean[0]), float(low[0]), float(high[0])
+
+
+def mean_intervals(values: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise mean of ``values`` (rows: seeds) with its Student t interval, non-finite entries left
+    out; the interval is NaN where fewer than two values are finite (a curve's band over seeds)."""
     from scipy.stats import t
 
-    se = float(np.std(a, ddof=1)) / math.sqrt(n)
-    if se == 0:
-        return mean, mean, mean
-    half = float(t.ppf(0.5 + level / 2.0, n - 1)) * se
+    values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)
+    n = finite.sum(axis=0)
+    x = np.where(finite, values, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, x.sum(axis=0) / n, np.nan)
+        var = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0) / (n - 1)
+        half = t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * np.sqrt(var / n)
+    half = np.where(n >= 2, half, np.nan)
     return mean, mean - half, mean + half
 
 

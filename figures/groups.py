@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.run import Run
-from dynamics.stats import arm_config, run_seed
+from dynamics.stats import arm_config, mean_intervals, run_seed
 from figures import style
 
 BAND = "95% CI"  # the t-interval of the mean over seeds, in legends
@@ -106,22 +106,6 @@ def aligned(group: list[Run], column: str, transform=None) -> tuple[np.ndarray, 
     return grid, np.vstack([np.interp(grid, steps, values) for steps, values in series])
 
 
-def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column-wise mean and two-sided t-interval of the mean over the rows (runs), ignoring non-finite
-    entries; NaN where fewer than two are finite."""
-    from scipy.stats import t
-
-    finite = np.isfinite(values)
-    n = finite.sum(axis=0)
-    x = np.where(finite, values, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(n > 0, x.sum(axis=0) / n, np.nan)
-        var = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0) / (n - 1)
-        half = t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * np.sqrt(var / n)
-    half = np.where(n >= 2, half, np.nan)
-    return mean, mean - half, mean + half
-
-
 def draw_arm(ax, group: list[Run], column: str, color, label: str, transform=None, lw: float = 1.0) -> None:
     """One run: its curve, as Fig. 1 always drew it. Several seeds: the mean curve (gid "mean") and
     the 95% t-interval of the mean as a band (gid "band")."""
@@ -140,7 +124,7 @@ def draw_arm(ax, group: list[Run], column: str, color, label: str, transform=Non
         for i, run in enumerate(group):
             draw_arm(ax, [run], column, color, label if i == 0 else "_nolegend_", transform, lw)
         return
-    mean, low, high = t_interval(values)
+    mean, low, high = mean_intervals(values)
     ax.fill_between(steps, low, high, color=color, alpha=0.25, linewidth=0, gid="band")
     ax.plot(steps, mean, color=color, lw=lw, label=f"{label} ({seeds_note(group)}: mean, {BAND})", gid="mean")
 
