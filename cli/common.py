@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import click
-
-from cli.errors import EXIT_ENVIRONMENT, fail
+from cli.errors import environment_failure, fail
 
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
 
@@ -40,10 +37,8 @@ def check_figure_path(out: Path, formats=FIGURE_FORMATS) -> None:
 
 
 def environment_failure_at(out: Path, error: OSError) -> None:
-    """Disk full, permission lost, I/O error while writing ``out``: one line, exit code 1."""
-    reason = error.strerror or str(error)
-    click.echo(f"dyn: error: could not write {out}: {reason}; free space or fix permissions and retry", err=True)
-    sys.exit(EXIT_ENVIRONMENT)
+    """Disk full, permission lost, I/O error while writing the figure ``out``: one line, exit code 1."""
+    environment_failure(error, "free space or fix permissions and retry", path=out)
 
 
 def save_figure(fig, out: Path) -> None:

@@ -36,14 +36,18 @@ def fail(message: str) -> None:
     raise BadInput(message)
 
 
-def environment_failure(error: OSError, hint: str = "") -> None:
-    """One line for a failure of the machine (disk full, permission, read-only file system), exit 1."""
-    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(
-        error.errno, error.strerror or str(error)
-    )
-    where = f": {error.filename}" if error.filename else ""
-    then = f"; then {hint}" if hint and error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    click.echo(f"dyn: error: {what}{where}{then}", err=True)
+def environment_failure(error: OSError, hint: str = "", path=None) -> None:
+    """One line for a failure of the machine (disk full, permission, read-only file system), exit 1.
+
+    ``path``: what could not be written (default: the error's file name); ``hint``: what to do next.
+    """
+    reason = error.strerror or str(error)
+    plain = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(error.errno)
+    what = f"{plain} ({reason})" if plain else reason
+    where = path if path is not None else error.filename
+    place = f"could not write {where}: " if where else ""
+    then = f"; {hint}" if hint else ""
+    click.echo(f"dyn: error: {place}{what}{then}", err=True)
     sys.exit(EXIT_ENVIRONMENT)
 
 

@@ -174,7 +174,7 @@ def _run(opts, out: Path, resume: bool, threads: int) -> None:
     except (RunError, DataError) as e:
         fail(str(e))
     except OSError as e:
-        environment_failure(e, f"dyn record --resume {out}")
+        environment_failure(e, f"free space or fix permissions, then dyn record --resume {out}")
     finally:
         bar.close()
     if int(os.environ.get("RANK", "0")) == 0:

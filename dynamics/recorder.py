@@ -300,9 +300,10 @@ class Recorder:
                 shutil.rmtree(self.run_dir / "journal", ignore_errors=True)
             return config
         path = self.run_dir / "checkpoint.pt"
-        state = self._on_rank0(lambda: _readable_checkpoint(path))
-        if self.rank != 0:
-            state = load_checkpoint(path, map_location="cpu")
+        loaded: dict[str, Any] = {}
+        # rank 0 checks the file and shares only the verdict; every rank then holds its own copy
+        self._on_rank0(lambda: loaded.update(_readable_checkpoint(path)))
+        state = loaded or load_checkpoint(path, map_location="cpu")
         distributed.load_state_dicts(self.module, self.optimizer, state["model"], state["optimizer"])
         self.config = config
         self.load_state_dict(state)
