@@ -13,8 +13,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: setup demo test lint bench study
-setup: $(VENV)/.installed
+.PHONY: setup demo test lint bench study browser
+setup: $(VENV)/.installed browser
+
+# The browser tests drive Chromium from the distribution's packages (Playwright's own download cannot
+# work offline); installed when missing and apt-get is at hand as root, else those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser tests will skip"; }
 
 # The main job: a clipped (AutoClip p=10) and an unclipped (p=100) run of the built-in task
 # (speech corpus; built once, cached in ~/.cache/dyn), side by side on two cores, then their
