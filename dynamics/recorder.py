@@ -2,39 +2,34 @@
 
 It observes a loop through three phase calls (``begin``, ``after_backward``, ``end``) or runs a
 plain step itself (``step(closure)``); what it measures on record steps is a list of quantities.
+A record step is measure -> one host transfer -> write rows (and hand the row to the loggers).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import numbers
 import platform
-import shutil
 import sys
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from autoclip import ClipInfo, Clipper, NoClip
-from dynamics import distributed, journal
+from autoclip import ClipInfo, Clipper
+from dynamics import arguments, checks, distributed
 from dynamics.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dynamics.quantities import ARROW_TYPES, DEFAULTS, Quantity, SetupContext, StepContext
-from dynamics.run import (
-    METRICS_BASE,
-    METRICS_LAST,
-    SCHEMA_VERSION,
-    RunError,
-    check_new_run_dir,
-    read_config,
-    schemas,
-    write_json,
-)
+from dynamics.errors import ArgumentTypeError, CallOrderError, DynamicsError
+from dynamics.quantities import DEFAULTS, Quantity, SetupContext, StepContext
+from dynamics.run import SCHEMA_VERSION, RunDirectory, RunError, schemas
+from dynamics.transfer import HostTransfer, column_tensor, column_values, host_int, local, on_device, stacked
 
 
 def _version(package: str) -> str:
@@ -60,10 +55,17 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+@dataclass
+class StepState:
+    """What the Recorder keeps between ``begin()`` and ``end()`` of one optimizer step."""
+
+    record: bool
+    rng: dict | None = None  # the random state the step's forward pass starts from (record steps)
+    before: list[Tensor] | None = None  # θt−1
+    grads: list[Tensor] | None = None  # raw gradients before clipping
+    micro_grads: list[list[Tensor]] = field(default_factory=list)  # cumulative, after each micro-batch
+    lr: float = math.nan
+    thread: int = 0
 
 
 class Recorder:
@@ -72,7 +74,7 @@ class Recorder:
     Attach it to your own loop with three calls per optimizer step::
 
         rec.begin()                      # before the forward pass (the first micro-batch)
-        ...forward and backward, as you like (AMP, accumulation)...
+        ...forward and backward, as you like (AMP, accumulation; rec.micro_batch() after each)...
         info = rec.after_backward()      # after all backward passes (after scaler.unscale_): clips
         if not info.skip:
             optimizer.step()             # or scaler.step(optimizer)
@@ -85,9 +87,11 @@ class Recorder:
     per-layer norms). Measuring never changes training: a recorded run ends with the same
     parameters, bit for bit, as an unrecorded one. Rows go to a crash-safe journal;
     ``close()`` compacts them to Parquet. ``state_dict()`` rides in your own checkpoint.
+    ``loggers`` are callables ``logger(metrics, step)`` that get each metrics row as
+    ``{"dyn/<column>": value}`` (NaN left out): see ``dynamics.loggers``.
 
     Under torch.distributed (DistributedDataParallel, or FSDP2 ``fully_shard``) every rank
-    runs the Recorder; rank 0 alone writes. Losses are averaged over ranks, probe
+    runs the Recorder; rank 0 alone writes and logs. Losses are averaged over ranks, probe
     gradients are averaged by the wrapper's own backward, norms of sharded tensors are
     global, and checkpoints hold full state dicts and every rank's RNG state.
 
@@ -112,35 +116,36 @@ class Recorder:
         layers: bool = True,
         resume: bool | dict[str, Any] = False,
         quantities: list[Quantity] | None = None,
+        loggers: list[arguments.Logger] | None = None,
+        overwrite: bool = False,
     ):
-        self.every = _positive_int("every", every)
-        if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 0:
-            raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
-        if direction not in ("update", "gradient"):
-            raise ValueError(f"direction must be 'update' or 'gradient', got {direction!r}")
+        self.every = checks.positive_int("every", every)
+        self.probes = checks.nonnegative_int("probes", probes)
+        self.direction = checks.direction(direction)
+        checks.flag("layers", layers)
+        checks.flag("overwrite", overwrite)
+        arguments.check_objects(model, optimizer, run_dir, config, resume)
         self.model = model
         self.module = distributed.unwrap(model)
         self.optimizer = optimizer
         self.rank = distributed.rank()
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError("the model has no trainable parameters to record")
+            raise DynamicsError("the model has no trainable parameters to record")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not held & {id(p) for p in self.params}:
-            raise ValueError("the optimizer holds none of the model's parameters: build it from model.parameters()")
-        self.clipper = clipper if clipper is not None else NoClip(self.params)
-        self.probes = int(probes)
-        self.direction = direction
-        self.quantities = self._check_quantities(
-            list(quantities) if quantities is not None else self.default_quantities(layers=layers)
+        arguments.check_optimizer(optimizer, self.params)
+        self.clipper = arguments.check_clipper(clipper, self.module, self.params, optimizer)
+        self.quantities = arguments.check_quantities(
+            list(quantities) if quantities is not None else self.default_quantities(layers=layers), self.every
         )
+        self.loggers = arguments.check_loggers(loggers)
         self.schemas = schemas(
             [c for q in self.quantities if q.table == "metrics" for c in q.columns.items()],
             [c for q in self.quantities if q.table == "layers" for c in q.columns.items()],
         )
         self.run_dir = Path(run_dir)
+        self.run = RunDirectory(self.run_dir, self.schemas) if self.rank == 0 else None
         self.device = self.params[0].device
         self.t = 0
         self.epoch = 0
@@ -148,27 +153,23 @@ class Recorder:
         self.last_eval_step: int | None = None
         self.resumed: dict[str, Any] | None = None  # the ``extra`` of the checkpoint resumed from
         self._time_offset = 0.0
-        self._lock_file = None
         self._closed = False
         self._phase: str | None = None  # None, "begun" or "clipped": where the current step is
-        self._step_state: dict[str, Any] = {}
+        self._state: StepState | None = None
         self._losses: list[Tensor] = []
         self._pending: dict[str, list] = {"step": [], "grad_norm": [], "threshold": [], "clipped": []}
+        self._clipped_since: int | Tensor = 0  # clipped steps since the previous record step
+        self._steps_since = 0
         setup = SetupContext(self.model, optimizer, self.names, self.params)
         for q in self.quantities:
             q.setup(setup)
-        self._journals: dict[str, journal.Journal] = {}
         if resume is True:
             self.config = self._resume()
         elif isinstance(resume, dict):
-            self.config = self._on_rank0(self._check_attachable)
-            self._open_journals()
+            self.config = self._on_rank0(self._attach)
             self.load_state_dict(resume)
-        elif resume is False:
-            self.config = self._on_rank0(lambda: self._create(config or {}))
         else:
-            raise ValueError("resume must be False, True (from RUN_DIR/checkpoint.pt) or a Recorder state_dict()")
-        self._open_journals()
+            self.config = self._on_rank0(lambda: self._create(config or {}, overwrite))
         self._start = time.perf_counter()
 
     @staticmethod
@@ -176,29 +177,7 @@ class Recorder:
         """Step size, smoothness (the Recorder's ``probes``) and, with ``layers``, per-layer norms."""
         return [q() for q in DEFAULTS if layers or q.table != "layers"]
 
-    def _check_quantities(self, quantities: list[Quantity]) -> list[Quantity]:
-        taken = {"metrics": {n for n, _ in METRICS_BASE + METRICS_LAST}, "layers": {"step", "name"}}
-        names = set()
-        for q in quantities:
-            if not isinstance(q, Quantity):
-                raise TypeError(f"quantities must be Quantity instances, got {q!r}")
-            if q.table not in taken:
-                raise ValueError(f"{type(q).__name__}.table must be 'metrics' or 'layers', got {q.table!r}")
-            if not q.name or q.name in names:
-                raise ValueError(f"quantity names must be unique and non-empty: {q.name!r} in {quantities}")
-            names.add(q.name)
-            if q.every is not None and _positive_int(f"{type(q).__name__}.every", q.every) % self.every:
-                raise ValueError(
-                    f"{type(q).__name__}(every={q.every}) must measure on record steps: "
-                    f"make every a multiple of the Recorder's every={self.every}"
-                )
-            for column, kind in q.columns.items():
-                if kind not in ARROW_TYPES:
-                    raise ValueError(f"column {column!r} of {type(q).__name__}: type must be one of {ARROW_TYPES}")
-                if column in taken[q.table]:
-                    raise ValueError(f"column {column!r} of {type(q).__name__} is already in the {q.table} table")
-                taken[q.table].add(column)
-        return quantities
+    # -- the run directory (rank 0 writes; every rank shares the outcome) ------------------------
 
     def _on_rank0(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 and share its result, or its RunError, with every rank."""
@@ -213,18 +192,7 @@ class Recorder:
             raise RunError(error)
         return result
 
-    def _open_journals(self) -> None:
-        for j in self._journals.values():
-            j.close()
-        self._journals = {
-            name: journal.Journal(self.run_dir / "journal", name, self.schemas[name])
-            for name in ("metrics", "steps", "layers", "eval")
-        }
-
-    # -- the run directory -----------------------------------------------------------------
-
-    def _create(self, user_config: dict[str, Any]) -> dict[str, Any]:
-        check_new_run_dir(self.run_dir)
+    def _create(self, user_config: dict[str, Any], overwrite: bool) -> dict[str, Any]:
         config = {
             **user_config,
             "run_id": uuid.uuid4().hex,
@@ -242,62 +210,44 @@ class Recorder:
             },
             "model": {"kind": type(self.module).__name__, "parameters": sum(p.numel() for p in self.params)},
             "world_size": distributed.world(),
-            "versions": {
-                "dyn": _version("dyn"),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": {"dyn": _version("dyn"), "torch": torch.__version__, "python": platform.python_version()},
             "command": user_config.get("command", sys.argv),
             "schema_version": SCHEMA_VERSION,
             "status": "running",
         }
+        import json
+
         try:
             json.dumps(config, default=str, allow_nan=False)
         except ValueError as e:
-            raise ValueError(f"config must be JSON without NaN or infinity: {e}") from None
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create {self.run_dir}: {e.strerror or e}") from None
-        self._lock()
-        write_json(self.run_dir / "config.json", config)
+            raise DynamicsError(f"config must be JSON without NaN or infinity: {e}") from None
+        self.run.create(config, overwrite=overwrite)
+        self.run.open_journals()
         return config
 
-    def _check_attachable(self) -> dict[str, Any]:
-        config = read_config(self.run_dir)
-        if config.get("status") == "finished":
-            raise RunError(f"{self.run_dir} is a finished run: nothing to resume")
+    def _attach(self) -> dict[str, Any]:
+        config = self.run.attach()
         if config.get("world_size", 1) != distributed.world():
+            self.run.release()
             raise RunError(
                 f"{self.run_dir} was recorded on {config.get('world_size', 1)} processes: "
                 f"resume it on as many, not {distributed.world()}"
             )
-        self._lock()
+        if config.get("every", self.every) != self.every:
+            self.run.release()
+            raise RunError(
+                f"{self.run_dir} records every {config['every']} steps: resume it with every={config['every']}, "
+                f"not {self.every} (one table, one schedule)"
+            )
         return config
-
-    def _lock(self) -> None:
-        """Hold RUN_DIR/.lock while recording: a second writer (say, a resume while the first
-        process still runs) is refused instead of interleaving rows. The OS drops the lock
-        when the process dies, however it dies."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
-        self._lock_file = open(self.run_dir / ".lock", "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            self._lock_file = None
-            raise RunError(f"{self.run_dir} is being recorded by another process") from None
 
     def _resume(self) -> dict[str, Any]:
         """Continue from RUN_DIR/checkpoint.pt; a run that never reached one restarts in place from step 0."""
-        config = self._on_rank0(self._check_attachable)
+        config = self._on_rank0(self._attach)
         has_checkpoint = self._on_rank0(lambda: (self.run_dir / "checkpoint.pt").exists())
         if not has_checkpoint:
             if self.rank == 0:
-                shutil.rmtree(self.run_dir / "journal", ignore_errors=True)
+                self.run.clear_journal()
             return config
         path = self.run_dir / "checkpoint.pt"
         loaded: dict[str, Any] = {}
@@ -320,13 +270,11 @@ class Recorder:
         are on disk. Call it on every rank (it averages the pending losses over ranks).
         """
         self._flush_steps()
-        sizes = {}
-        if self.rank == 0:
-            for j in self._journals.values():
-                j.sync()
-            sizes = journal.sizes(self.run_dir / "journal")
+        sizes = self._on_rank0(lambda: self.run.sizes())
         return {
+            "version": arguments.STATE_VERSION,
             "run_id": self.config.get("run_id"),
+            "every": self.every,
             "t": self.t,
             "epoch": self.epoch,
             "time_s": self.elapsed,
@@ -334,36 +282,37 @@ class Recorder:
             "clipper": self.clipper.state_dict(),
             "quantities": {q.name: q.state_dict() for q in self.quantities},
             "last_eval_step": self.last_eval_step,
+            "clip_count": [host_int(self._clipped_since), self._steps_since],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go back to a ``state_dict()``: the journal is cut back to its sizes, so every step is recorded once.
 
-        The journal is checked before anything is cut: a checkpoint of another run, or a
-        journal shorter than the checkpoint says (rows lost), is refused with a RunError.
+        The state is checked before anything is cut: a state of another run, of another schedule,
+        from a newer dyn, or a journal shorter than the state says (rows lost) is refused.
         """
         if self._phase is not None:
-            raise RuntimeError("load_state_dict() in the middle of a step: call it between end() and begin()")
-        run_id = state.get("run_id")
-        if run_id is not None and self.config.get("run_id") not in (None, run_id):
-            raise RunError(f"{self.run_dir}: the checkpoint belongs to another run (run id {run_id})")
-        journal_dir = self.run_dir / "journal"
-        if self.rank == 0:
-            problem = journal.check(journal_dir, state["journal"])
-            if problem is not None:
-                raise RunError(f"{self.run_dir}: {problem}; the checkpoint cannot be resumed without losing rows")
+            raise CallOrderError("load_state_dict() in the middle of a step: call it between end() and begin()")
+        arguments.check_state(state, self.run_dir, self.config, self.every)
+        self._on_rank0(lambda: self.run.rewind(state["journal"]))
         self._flush_steps(discard=True)
-        for j in self._journals.values():
-            j.close()
-        if self.rank == 0:
-            journal.rewind(journal_dir, state["journal"])
-        self._open_journals()
-        self.clipper.load_state_dict(state["clipper"])
+        try:
+            self.clipper.load_state_dict(state["clipper"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DynamicsError(f"the Recorder state's clipper state does not fit this clipper: {e}") from None
         for q in self.quantities:
             if q.name in state.get("quantities", {}):
-                q.load_state_dict(state["quantities"][q.name])
+                try:
+                    q.load_state_dict(state["quantities"][q.name])
+                except Exception as e:
+                    raise DynamicsError(
+                        f"quantity {q.name!r} could not load its state ({type(e).__name__}: {e}): "
+                        "pass a state saved by the same quantities"
+                    ) from None
         self.t, self.epoch = int(state["t"]), int(state["epoch"])
         self.last_eval_step = state.get("last_eval_step")
+        clipped, steps = state.get("clip_count", [0, 0])
+        self._clipped_since, self._steps_since = int(clipped), int(steps)
         self._time_offset = float(state["time_s"])
         self._start = time.perf_counter()
 
@@ -371,7 +320,18 @@ class Recorder:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"the Recorder of {self.run_dir} is closed: create a new one to record again")
+            raise CallOrderError(f"the Recorder of {self.run_dir} is closed: create a new one to record again")
+
+    def _check_thread(self) -> None:
+        if self._state is not None and self._state.thread != threading.get_ident():
+            raise CallOrderError(
+                "two threads are stepping one Recorder: give each training loop its own Recorder and run directory"
+            )
+
+    @property
+    def recording(self) -> bool:
+        """True between ``begin()`` and ``end()`` of a step that records (measures and writes a metrics row)."""
+        return self._state is not None and self._state.record
 
     def begin(self, epoch: int | None = None) -> None:
         """Start a step: call before its forward pass (before the first micro-batch).
@@ -382,12 +342,29 @@ class Recorder:
         """
         self._check_open()
         if epoch is not None:
-            self.epoch = epoch
+            self.epoch = checks.nonnegative_int("epoch", epoch)
         if self._phase is not None:
+            self._check_thread()
             return
         record = (self.t + 1) % self.every == 0
         self._phase = "begun"
-        self._step_state = {"record": record, "rng": rng_state(self.device) if record else None}
+        self._state = StepState(record, rng_state(self.device) if record else None, thread=threading.get_ident())
+
+    def micro_batch(self) -> None:
+        """Optional, after each micro-batch's backward: on record steps, keep the gradients accumulated so far.
+
+        Quantities that compare micro-batches (the gradient noise scale) read them as
+        ``StepContext.micro_grads``. On other steps it does nothing.
+        """
+        self._check_open()
+        if self._phase != "begun":
+            raise CallOrderError(
+                "micro_batch() goes after a micro-batch's backward, between begin() and after_backward()"
+            )
+        self._check_thread()
+        if self._state.record:
+            with torch.no_grad():
+                self._state.micro_grads.append(_grads(self.params))
 
     def after_backward(self) -> ClipInfo:
         """After all backward passes of the step (after ``scaler.unscale_``): snapshot, then clip.
@@ -396,14 +373,14 @@ class Recorder:
         """
         self._check_open()
         if self._phase != "begun":
-            raise RuntimeError("call begin() before the forward pass, and after_backward() once per step")
-        if self._step_state["record"]:
+            raise CallOrderError("call begin() before the forward pass, and after_backward() once per step")
+        self._check_thread()
+        state = self._state
+        if state.record:
             with torch.no_grad():
-                self._step_state["before"] = [p.detach().clone() for p in self.params]
-                self._step_state["grads"] = [
-                    torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params
-                ]
-            self._step_state["lr"] = float(self.optimizer.param_groups[0]["lr"])
+                state.before = [p.detach().clone() for p in self.params]
+                state.grads = _grads(self.params)
+            state.lr = float(self.optimizer.param_groups[0]["lr"])
         info = self.last_info = self.clipper.step()
         self._phase = "clipped"
         return info
@@ -417,39 +394,123 @@ class Recorder:
         """
         self._check_open()
         if self._phase != "clipped":
-            raise RuntimeError("call after_backward() after the backward pass, before end()")
-        state, info = self._step_state, self.last_info
-        self._phase, self._step_state = None, {}
-        if isinstance(loss, Tensor):
-            loss = loss.detach()
-        else:
-            loss = torch.tensor(math.nan if loss is None else float(loss), device=self.device)
+            raise CallOrderError("call after_backward() after the backward pass, before end()")
+        self._check_thread()
+        loss = self._loss_tensor(loss)
+        if closure is not None and not callable(closure):
+            raise ArgumentTypeError(
+                f"closure must be a function returning the step's loss, got {type(closure).__name__}"
+            )
+        state, info = self._state, self.last_info
+        self._phase, self._state = None, None
         self.t += 1
         self._losses.append(loss)
         self._pending["step"].append(self.t)
         self._pending["grad_norm"].append(info.grad_norm)
         self._pending["threshold"].append(info.threshold)
         self._pending["clipped"].append(info.clipped)
-        if state["record"]:
+        self._clipped_since = self._clipped_since + info.clipped
+        self._steps_since += 1
+        if state.record:
             self._record(closure, info, state)
         return loss
 
+    def _loss_tensor(self, loss: Tensor | float | None) -> Tensor:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ArgumentTypeError(
+                    f"the loss must be one number, got a tensor of shape {tuple(loss.shape)}: "
+                    "reduce it (.mean() or .sum())"
+                )
+            return loss.detach().reshape(())
+        if loss is None:
+            return torch.tensor(math.nan, device=self.device)
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise ArgumentTypeError(f"the loss must be a tensor, a number or None, got {type(loss).__name__} {loss!r}")
+        return torch.tensor(float(loss), device=self.device)
+
     def step(self, closure: Callable[[], Tensor], epoch: int | None = None) -> Tensor:
         """One plain training step on the batch ``closure`` evaluates; returns the detached loss."""
+        if not callable(closure):
+            raise ArgumentTypeError(f"step() takes a closure returning the loss, got {type(closure).__name__}")
         self.begin(epoch)
-        self.optimizer.zero_grad()
-        loss = closure()
-        loss.backward()
+        try:
+            self.optimizer.zero_grad()
+            loss = closure()
+            if not isinstance(loss, Tensor):
+                raise ArgumentTypeError(
+                    f"the closure must return the loss as a tensor (to back-propagate), got {type(loss).__name__}"
+                )
+            loss.backward()
+        except BaseException:
+            self.abort_step()
+            raise
         info = self.after_backward()
         if not info.skip:
             self.optimizer.step()
         return self.end(loss, closure)
 
+    # -- a record step: measure -> one transfer -> write ------------------------------------
+
     @torch.no_grad()
-    def _record(self, closure, info: ClipInfo, state: dict[str, Any]) -> None:
+    def _record(self, closure, info: ClipInfo, state: StepState) -> None:
+        active = [q for q in self.quantities if q.should_compute(self.t)]
+        results, moved = self._measure(active, closure, info, state)
+        transfer = HostTransfer(self.device)
+        moved_slot = transfer.add(moved)
+        losses = transfer.add(distributed.mean(torch.stack(self._losses).double()))
+        steps = {k: transfer.add(stacked(v, self.device)) for k, v in self._pending.items() if on_device(v)}
+        row = {
+            "grad_norm": info.grad_norm,
+            "threshold": info.threshold,
+            "clip_coef": info.clip_coef,
+            "clipped": info.clipped,
+            "clip_rate": self._clipped_since / self._steps_since,
+        }
+        slots = {k: transfer.add(v) for k, v in row.items() if isinstance(v, Tensor)}
+        k = len(self.names)
+        columns = {
+            (q, column): transfer.add(column_tensor(q, column, results[q.name][column], k, self.device))
+            for q in active
+            for column in q.columns
+        }
+        host = transfer.fetch()  # the one transfer of a record step
+        if host[moved_slot][0]:
+            raise DynamicsError(
+                f"a quantity changed the live parameters at step {self.t} (restored): compute() must leave "
+                "ctx.params as they are; evaluate elsewhere with ctx.prober.at(theta) or on copies"
+            )
+        self._clipped_since, self._steps_since = 0, 0
+        self._flush_steps(host[losses].tolist(), {name: host[slot] for name, slot in steps.items()})
+        if self.rank != 0:
+            return
+        row.update({name: host[slot][0].item() for name, slot in slots.items()})
+        tables = {"metrics": {}, "layers": {}}
+        for (q, column), slot in columns.items():
+            tables[q.table][column] = column_values(host[slot], q.columns[column], q, column)
+        metrics = {
+            "step": [self.t],
+            "epoch": [self.epoch],
+            "time_s": [self.elapsed],
+            "loss": [host[losses][-1].item()],
+            **{name: [bool(value) if name == "clipped" else float(value)] for name, value in row.items()},
+            "lr": [state.lr],
+            **tables["metrics"],
+        }
+        self.run.write("metrics", _fill(self.schemas["metrics"], metrics, 1))
+        if tables["layers"]:
+            layers = {"step": [self.t] * k, "name": self.names, **tables["layers"]}
+            self.run.write("layers", _fill(self.schemas["layers"], layers, k))
+        self._log(metrics)
+
+    def _measure(self, active: list[Quantity], closure, info: ClipInfo, state: StepState) -> tuple[dict, Tensor]:
+        """Every active quantity's results, and whether any moved the live parameters (a device flag).
+
+        Buffers, RNG and parameters are put back as they were, whatever happens.
+        """
         rng_after = rng_state(self.device)
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        before = state["before"]
+        live = [p.detach().clone() for p in self.params]
         ctx = StepContext(
             step=self.t,
             epoch=self.epoch,
@@ -457,63 +518,84 @@ class Recorder:
             optimizer=self.optimizer,
             names=self.names,
             params=self.params,
-            before=before,
-            update=torch._foreach_sub([p.detach() for p in self.params], before),
-            grads=state["grads"],
+            before=state.before,
+            update=torch._foreach_sub([p.detach() for p in self.params], state.before),
+            grads=state.grads,
             loss=self._losses[-1],
             info=info,
             closure=closure,
             probes=self.probes,
             direction=self.direction,
-            rng=state["rng"],
+            rng=state.rng,
             device=self.device,
+            micro_grads=state.micro_grads or None,
         )
-        active = [q for q in self.quantities if q.every is None or self.t % q.every == 0]
+        results = {}
         try:
-            results = {q.name: q.compute(ctx) for q in active}
+            for q in active:
+                try:
+                    results[q.name] = q.compute(ctx)
+                except DynamicsError:
+                    raise
+                except Exception as e:
+                    raise DynamicsError(
+                        f"quantity {q.name!r} failed at step {self.t} ({type(e).__name__}: {e}); the run stays "
+                        "resumable from its last checkpoint: fix or drop the quantity and resume"
+                    ) from e
         finally:
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)  # BatchNorm statistics the probes' forward passes moved
+            moved = torch.stack([(local(p.detach()) != local(s)).any() for p, s in zip(self.params, live)]).any()
+            for p, saved in zip(self.params, live):
+                p.copy_(saved)
             set_rng_state(rng_after, self.device)
-        k = len(self.names)
-        parts = [distributed.mean(torch.stack(self._losses).double())]
         for q in active:
-            for column in q.columns:
-                value = torch.as_tensor(results[q.name][column], device=self.device).double()
-                parts.append(value.reshape(k if q.table == "layers" else 1))
-        values = torch.cat([p.to(self.device) for p in parts]).tolist()  # the one transfer of a record
-        n = len(self._losses)
-        losses, rest = values[:n], iter(values[n:])
-        self._flush_steps(losses)
-        if self.rank != 0:
-            return
-        columns = {"metrics": {}, "layers": {}}
-        for q in active:
-            for column, kind in q.columns.items():
-                count = k if q.table == "layers" else 1
-                columns[q.table][column] = [_typed(next(rest), kind) for _ in range(count)]
-        row = {
-            "step": [self.t],
-            "epoch": [self.epoch],
-            "time_s": [self.elapsed],
-            "loss": [losses[-1]],
-            "grad_norm": [info.grad_norm],
-            "threshold": [info.threshold],
-            "clip_coef": [info.clip_coef],
-            "clipped": [info.clipped],
-            "lr": [state["lr"]],
-        }
-        self._journals["metrics"].write(_fill(self.schemas["metrics"], {**row, **columns["metrics"]}, 1))
-        if columns["layers"]:
-            layers = {"step": [self.t] * k, "name": self.names, **columns["layers"]}
-            self._journals["layers"].write(_fill(self.schemas["layers"], layers, k))
+            got = results[q.name]
+            if not isinstance(got, dict) or set(got) != set(q.columns):
+                keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+                raise DynamicsError(
+                    f"{type(q).__name__}.compute returned {keys}, not its columns {sorted(q.columns)}: "
+                    "return one value per declared column"
+                )
+        return results, moved
 
-    def _flush_steps(self, losses: list[float] | None = None, discard: bool = False) -> None:
+    def _log(self, metrics: dict[str, list]) -> None:
+        """Hand the row to each logger as ``{"dyn/<column>": value}``, NaN left out; a failing logger is dropped."""
+        if not self.loggers:
+            return
+        values = {
+            f"dyn/{name}": float(v[0])
+            for name, v in metrics.items()
+            if name != "step" and v[0] is not None and not (isinstance(v[0], float) and math.isnan(v[0]))
+        }
+        for logger in list(self.loggers):
+            try:
+                logger(values, self.t)
+            except Exception as e:
+                self.loggers.remove(logger)
+                warnings.warn(
+                    f"logger {getattr(logger, '__name__', logger)!r} raised {type(e).__name__}: {e}; "
+                    "it is dropped and training goes on",
+                    UserWarning,
+                    stacklevel=4,
+                )
+
+    def _flush_steps(
+        self, losses: list[float] | None = None, device_values: dict[str, np.ndarray] | None = None, discard=False
+    ) -> None:
         if self._losses and not discard:
-            if losses is None:
-                losses = distributed.mean(torch.stack(self._losses).double()).tolist()
+            if losses is None:  # a checkpoint between record steps: its own transfer
+                transfer = HostTransfer(self.device)
+                slot = transfer.add(distributed.mean(torch.stack(self._losses).double()))
+                fields = {k: transfer.add(stacked(v, self.device)) for k, v in self._pending.items() if on_device(v)}
+                host = transfer.fetch()
+                losses = host[slot].tolist()
+                device_values = {k: host[s] for k, s in fields.items()}
             if self.rank == 0:
-                self._journals["steps"].write({**self._pending, "loss": losses})
+                rows = {**self._pending, "loss": losses}
+                for name, values in (device_values or {}).items():
+                    rows[name] = [bool(v) for v in values] if name == "clipped" else values.tolist()
+                self.run.write("steps", rows)
         self._losses = []
         self._pending = {k: [] for k in self._pending}
 
@@ -523,11 +605,25 @@ class Recorder:
         return self._time_offset + time.perf_counter() - self._start
 
     def log_eval(self, **metrics: float) -> None:
-        """Add a row to the ``eval`` table at the current step (e.g. ``accuracy=0.91``); rank 0 writes."""
+        """Add a row to the ``eval`` table at the current step (e.g. ``accuracy=0.91``); rank 0 writes.
+
+        Each call may log other metrics: the table has a column per metric ever logged (null where absent).
+        """
         self._check_open()
+        if not metrics:
+            raise DynamicsError("log_eval() needs at least one metric, e.g. rec.log_eval(accuracy=0.91)")
+        if "step" in metrics:
+            raise DynamicsError("log_eval(step=...): the step is the Recorder's own (rec.t); log the metrics alone")
+        values = {}
+        for name, value in metrics.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise ArgumentTypeError(f"log_eval({name}=...) takes a number, got {type(value).__name__} {value!r}")
+            values[name] = [float(value)]
         self.last_eval_step = self.t
         if self.rank == 0:
-            self._journals["eval"].write({"step": [self.t], **{k: [float(v)] for k, v in metrics.items()}})
+            self.run.write("eval", {"step": [self.t], **values})
 
     # -- checkpoints and closing -------------------------------------------------------------
 
@@ -537,6 +633,8 @@ class Recorder:
         ``extra`` is yours (e.g. a data position); it comes back as ``recorder.resumed``.
         """
         self._check_open()
+        if self._phase is not None:
+            raise CallOrderError("checkpoint() in the middle of a step: call it after end()")
         recorder_state = self.state_dict()
         model_state, optimizer_state = distributed.state_dicts(self.module, self.optimizer)
         rngs = distributed.gather(rng_state(self.device))
@@ -556,22 +654,19 @@ class Recorder:
         if self._closed:
             return
         if self._phase is not None:
-            raise RuntimeError("close() in the middle of a step: call end() first")
-        self.checkpoint(extra)
+            raise CallOrderError("close() in the middle of a step: call end() first")
+        try:
+            self.checkpoint(extra)
+        except RunError:
+            self._closed = True  # rows were lost under the Recorder: leave the run open, write nothing more
+            if self.run is not None:
+                self.run.release()
+            raise
         self._closed = True
-        for j in self._journals.values():
-            j.close()
         if self.rank != 0:
             return
-        journal_dir = self.run_dir / "journal"
-        for name in self._journals:
-            journal.compact(journal_dir, name, self.run_dir / f"{name}.parquet", self.schemas[name])
         self.config.update(status="finished", steps=self.t, time_s=self.elapsed)
-        write_json(self.run_dir / "config.json", self.config)
-        shutil.rmtree(journal_dir, ignore_errors=True)
-        if self._lock_file is not None:
-            (self.run_dir / ".lock").unlink(missing_ok=True)
-        self._release_files()
+        self.run.finish(self.config)
 
     def release(self) -> dict[str, Any]:
         """Stop recording but leave the run open (not finished) for a later resume; returns ``state_dict()``.
@@ -580,12 +675,14 @@ class Recorder:
         another Recorder (this process or a later one) can continue with ``resume=state``.
         """
         if self._closed:
-            raise RuntimeError(f"the Recorder of {self.run_dir} is closed already")
+            raise CallOrderError(f"the Recorder of {self.run_dir} is closed already")
         self.abort_step()
-        state = self.state_dict()
-        self._closed = True
-        self._release_files()
-        return state
+        try:
+            return self.state_dict()
+        finally:
+            self._closed = True
+            if self.run is not None:
+                self.run.release()
 
     @property
     def closed(self) -> bool:
@@ -599,14 +696,7 @@ class Recorder:
 
     def abort_step(self) -> None:
         """Forget a step that broke between ``begin()`` and ``end()`` (an exception): it is not recorded."""
-        self._phase, self._step_state = None, {}
-
-    def _release_files(self) -> None:
-        for j in self._journals.values():
-            j.close()
-        if self._lock_file is not None:
-            self._lock_file.close()  # the OS lock goes with the file
-            self._lock_file = None
+        self._phase, self._state = None, None
 
     def __enter__(self) -> Recorder:
         return self
@@ -617,15 +707,12 @@ class Recorder:
         elif not self._closed:
             # an exception: the rows so far stay in the journal and the run stays resumable
             self._closed = True
-            self._release_files()
+            if self.run is not None:
+                self.run.release()
 
 
-def _typed(value: float, kind: str) -> Any:
-    if kind == "bool":
-        return bool(value)
-    if kind == "int64":
-        return int(value) if math.isfinite(value) else None
-    return value
+def _grads(params: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
 
 
 def _fill(schema, columns: dict[str, list], n: int) -> dict[str, list]:

@@ -20,6 +20,7 @@ from dynamics import journal
 
 SCHEMA_VERSION = 1
 TABLES = ("metrics", "steps", "layers", "eval")
+METADATA_KEY = "dyn.config"  # every Parquet file of a run carries its config (JSON, with run_id) under this key
 
 # Columns every metrics row has: the step's own numbers. Quantities add theirs between them and lr.
 METRICS_BASE = [
@@ -31,6 +32,7 @@ METRICS_BASE = [
     ("threshold", "float64"),
     ("clip_coef", "float64"),
     ("clipped", "bool"),
+    ("clip_rate", "float64"),  # fraction of the optimizer steps since the previous record step that were clipped
 ]
 METRICS_LAST = [("lr", "float64")]
 STEPS = [
@@ -120,6 +122,144 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class RunDirectory:
+    """A run directory as its writer holds it: created or attached under a lock, journals, compaction.
+
+    Only the writing process (rank 0) makes one. The lock (RUN_DIR/.lock, an OS file lock)
+    refuses a second writer and dies with the process however it dies, so a crashed run can be
+    resumed or, with ``overwrite=True``, replaced; a live one never is.
+    """
+
+    def __init__(self, path: str | os.PathLike, schemas: dict[str, pa.Schema | None]):
+        self.path = Path(path)
+        self.schemas = schemas
+        self.journals: dict[str, journal.Journal] = {}
+        self._known: dict[str, int] = {}  # journal segment -> bytes known to hold rows (checkpointed or written)
+        self._lock_file = None
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.path / "journal"
+
+    def create(self, config: dict[str, Any], overwrite: bool = False) -> None:
+        """Make a new run with ``config``; ``overwrite`` replaces a run nobody is recording any more."""
+        if overwrite and (self.path / "config.json").is_file():
+            self.lock()
+            self._clear()
+        else:
+            check_new_run_dir(self.path)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cannot create {self.path}: {e.strerror or e}") from None
+            self.lock()
+        write_json(self.path / "config.json", config)
+
+    def _clear(self) -> None:
+        """Remove a dead run's files (its lock stays: we hold it)."""
+        import shutil
+
+        for child in self.path.iterdir():
+            if child.name == ".lock":
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def attach(self) -> dict[str, Any]:
+        """Lock an existing, unfinished run to continue it; returns its config."""
+        config = read_config(self.path)
+        if config.get("status") == "finished":
+            raise RunError(f"{self.path} is a finished run: nothing to resume")
+        self.lock()
+        return config
+
+    def lock(self) -> None:
+        """Hold RUN_DIR/.lock while recording: a second writer is refused instead of interleaving rows."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        if self._lock_file is not None:
+            return
+        self._lock_file = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise RunError(f"{self.path} is being recorded by another process") from None
+
+    def open_journals(self) -> None:
+        """Open a writer per table (each writes a new segment on its first row)."""
+        self.close_journals()
+        self.journals = {name: journal.Journal(self.journal_dir, name, self.schemas[name]) for name in TABLES}
+
+    def write(self, table: str, columns: dict[str, list]) -> None:
+        self.journals[table].write(columns)
+
+    def sizes(self) -> dict[str, int]:
+        """Make the journal durable and return every segment's size, for a checkpoint to record.
+
+        A segment that holds rows this run knows of and is missing or shorter on disk (deleted or
+        truncated under the writer) is a RunError: a checkpoint must never count rows that are gone.
+        """
+        for j in self.journals.values():
+            j.sync()
+            self._known.update(j.written)
+        problem = journal.check(self.journal_dir, self._known, verify=False)
+        if problem is not None:
+            raise RunError(f"{self.path}: {problem} while recording: rows are lost; resume from the last checkpoint")
+        return journal.sizes(self.journal_dir)
+
+    def rewind(self, sizes: dict[str, int]) -> None:
+        """Cut the journal back to a checkpoint's ``sizes`` (checked first: a journal missing rows is refused)."""
+        problem = journal.check(self.journal_dir, sizes)
+        if problem is not None:
+            raise RunError(f"{self.path}: {problem}; the checkpoint cannot be resumed without losing rows")
+        self.close_journals()
+        journal.rewind(self.journal_dir, sizes)
+        self._known = dict(sizes)
+        self.open_journals()
+
+    def clear_journal(self) -> None:
+        """Drop every journalled row (a run that never reached a checkpoint restarts from step 0)."""
+        import shutil
+
+        self.close_journals()
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        self._known = {}
+        self.open_journals()
+
+    def finish(self, config: dict[str, Any]) -> None:
+        """Compact the journal into Parquet files (each carrying ``config``), mark the run finished, unlock."""
+        import shutil
+
+        self.sizes()  # refuses to finish a run whose journal lost rows
+        self.close_journals()
+        metadata = {METADATA_KEY: json.dumps(config, sort_keys=True, default=str)}
+        for name in TABLES:
+            journal.compact(self.journal_dir, name, self.path / f"{name}.parquet", self.schemas[name], metadata)
+        write_json(self.path / "config.json", config)
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        if self._lock_file is not None:
+            (self.path / ".lock").unlink(missing_ok=True)
+        self.release()
+
+    def close_journals(self) -> None:
+        for j in self.journals.values():
+            self._known.update(j.written)
+            j.close()
+
+    def release(self) -> None:
+        """Close the journals and let go of the lock (the run stays open for a later resume)."""
+        self.close_journals()
+        if self._lock_file is not None:
+            self._lock_file.close()  # the OS lock goes with the file
+            self._lock_file = None
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:

@@ -141,7 +141,7 @@ WORKER = textwrap.dedent(
         rec.step(lambda: (model(x) - x.sum(1, keepdim=True)).pow(2).mean())
         thresholds.append(rec.clipper.threshold)
     rec.close()
-    wrote = sum(j.rows for j in rec._journals.values())
+    wrote = sum(j.rows for j in rec.run.journals.values()) if rec.run is not None else 0
     json.dump({"thresholds": thresholds, "rows_written": wrote}, open(f"{sys.argv[2]}.{rank}.json", "w"))
     torch.distributed.destroy_process_group()
     """

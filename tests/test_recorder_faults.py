@@ -34,9 +34,7 @@ def _checkpointed_run(tmp_path, steps=10, checkpoint_at=6):
     rec.checkpoint()
     _train(rec, model, data[checkpoint_at:])
     rec._flush_steps()
-    for j in rec._journals.values():
-        j.close()
-    rec._lock_file.close()  # as if the process died: the OS drops the lock
+    rec.run.release()  # as if the process died: the OS drops the lock
     return tmp_path / "run"
 
 
@@ -143,7 +141,7 @@ def test_a_run_without_checkpoint_restarts_in_place(tmp_path):
     rec = Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "run", every=2)
     _train(rec, model, _data(3))  # rows journalled, never checkpointed
     rec._flush_steps()
-    rec._lock_file.close()
+    rec.run.release()  # as if the process died
     model = _model()
     rec = Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "run", every=2, resume=True)
     assert rec.t == 0

@@ -78,7 +78,8 @@ class StepContext:
 
     ``params`` hold θt (live: do not modify), ``before`` θt−1, ``update`` θt − θt−1, ``grads``
     the raw gradients at θt−1 before clipping, ``loss`` the step's loss (0-dim device tensor),
-    ``info`` the clipper's ClipInfo, ``closure`` the step's loss function or None.
+    ``info`` the clipper's ClipInfo, ``closure`` the step's loss function or None, ``micro_grads``
+    the gradients accumulated after each micro-batch when the loop calls ``rec.micro_batch()``.
     ``probe(thetas)`` returns the gradient of the same loss on the same batch, with the same
     dropout masks, at each parameter list in ``thetas``; ``at(theta)`` evaluates anything there.
     Both leave no trace. The per-tensor norms are computed once and shared.
@@ -100,6 +101,7 @@ class StepContext:
     direction: str = "update"
     rng: dict | None = None
     device: torch.device | None = None
+    micro_grads: list[list[Tensor]] | None = None  # cumulative gradients after each micro-batch (rec.micro_batch())
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def _norms(self, key: str, tensors: list[Tensor]) -> Tensor:
