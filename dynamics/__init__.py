@@ -6,12 +6,13 @@ Names are imported on first use, so reading runs (``load_run``) does not import 
 from importlib import import_module
 
 _NAMES = {
+    "DynamicsError": "dynamics.errors",
     "Recorder": "dynamics.recorder",
     "Run": "dynamics.run",
     "RunError": "dynamics.run",
     "load_run": "dynamics.run",
+    "load_runs": "dynamics.index",
     "save_run": "dynamics.run",
-    "smoothness": "dynamics.smoothness",
 }
 
 __all__ = sorted(_NAMES)

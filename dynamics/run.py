@@ -262,7 +262,24 @@ class RunDirectory:
             self._lock_file = None
 
 
+# config.json fields the readers use, with the type each must have when present
+_CONFIG_TYPES = {
+    "status": str,
+    "name": str,
+    "run_id": str,
+    "every": int,
+    "steps": int,
+    "world_size": int,
+    "clipper": dict,
+    "optimizer": dict,
+    "model": dict,
+    "tables": dict,
+    "quantities": list,
+}
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.json, checked: a RunError names what is wrong with a missing, foreign or damaged one."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise RunError(f"{run_dir}: no such run directory")
@@ -271,13 +288,52 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.exists():
         raise RunError(f"{run_dir}: not a run directory (no config.json)")
+    if not path.is_file():
+        raise RunError(f"{path}: not a file, so not a run config")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: corrupt config ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: corrupt config ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise RunError(f"{path}: corrupt config (nested too deeply)") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(config, dict) or "schema_version" not in config:
         raise RunError(f"{path}: not a dyn run config (no schema_version)")
+    version = config["schema_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RunError(f"{path}: not a dyn run config (schema_version {version!r})")
+    if version > SCHEMA_VERSION:
+        raise RunError(f"{path}: written by a newer dyn (schema_version {version}, this one reads {SCHEMA_VERSION})")
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise RunError(f"{path}: {key} should be {kind.__name__}, got {type(value).__name__} {value!r:.60}")
     return config
+
+
+def _check_columns(table: pa.Table, name: str, schema: pa.Schema | None, path: Path) -> pa.Table:
+    """The columns a run's tables are known to have, as their types: numbers stay numbers, or a RunError."""
+    if schema is None:
+        return table
+    for field in schema:
+        if field.name not in table.column_names:
+            continue
+        column = table.column(field.name)
+        if column.type == field.type:
+            continue
+        numeric = (
+            pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)
+        )
+        if field.type == pa.string() or not (numeric or pa.types.is_null(column.type)):
+            raise RunError(f"{path}: table {name}, column {field.name} holds {column.type}, not {field.type}")
+        try:
+            table = table.set_column(
+                table.column_names.index(field.name), field.name, column.cast(field.type, safe=False)
+            )
+        except pa.ArrowException as e:
+            raise RunError(f"{path}: table {name}, column {field.name}: {str(e).splitlines()[0]}") from None
+    return table
 
 
 @dataclass
@@ -315,9 +371,10 @@ def _frame(table: pa.Table | None, name: str, schema: pa.Schema | None):
     if table is None:
         table = schema.empty_table() if schema is not None else pa.table({"step": pa.array([], pa.int64())})
     frame = table.to_pandas()
-    if "step" not in frame.columns:
-        raise RunError(f"table {name} has no step column")
     keys = ["step", "name"] if name == "layers" else ["step"]
+    missing = [k for k in keys if k not in frame.columns]
+    if missing:
+        raise RunError(f"table {name} has no {missing[0]} column")
     # stable by step alone: a step's layer rows keep the model's parameter order
     frame = frame.drop_duplicates(subset=keys, keep="last").sort_values("step", kind="stable")
     return frame.reset_index(drop=True) if isinstance(frame, pd.DataFrame) else frame
@@ -350,6 +407,9 @@ def _load_run(run_dir: Path) -> Run:
             tables[name] = _read_parquet(parquet)
         else:
             tables[name] = None
+    for name in TABLES:
+        if tables[name] is not None:
+            tables[name] = _check_columns(tables[name], name, table_schemas[name], run_dir)
     return Run(
         path=run_dir,
         config=config,

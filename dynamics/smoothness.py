@@ -8,11 +8,10 @@ same batch with the same dropout masks. On f = 1/2 theta^T A theta it is ||A d||
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from dynamics import checks
 from dynamics.distributed import full
 from dynamics.probe import Probe
 
@@ -37,8 +36,8 @@ def smoothness_along(
         # Santurkar et al.: probe along -g, as far as the update actually went
         scale = total_norm(d) / total_norm(grad_before)
         d = torch._foreach_mul(grad_before, -scale)
-    elif direction != "update":
-        raise ValueError(f"direction must be 'update' or 'gradient', got {direction!r}")
+    else:
+        checks.direction(direction)
     d_norm = total_norm(d)
     best = torch.full((), float("nan"), device=d_norm.device, dtype=d_norm.dtype)
     for k in range(1, probes + 1):
@@ -47,27 +46,3 @@ def smoothness_along(
         ratio = total_norm(torch._foreach_sub(grads, grad_before)) / (gamma * d_norm)
         best = torch.fmax(best, ratio)  # fmax: the first probe replaces the NaN start
     return torch.where(d_norm > 0, best, torch.full_like(best, float("nan")))
-
-
-@torch.no_grad()
-def smoothness(
-    params: list[Tensor],
-    closure: Callable[[], Tensor],
-    before: list[Tensor],
-    grad_before: list[Tensor],
-    rng: dict,
-    probes: int = 1,
-    direction: str = "update",
-    device: torch.device | None = None,
-) -> Tensor:
-    """The estimate as a 0-dim device tensor (NaN when the update is zero).
-
-    ``params`` hold theta_t and are left holding it (restored by copying saved values),
-    with their ``.grad`` as it was; ``before`` is theta_{t-1}, ``grad_before`` the raw
-    gradient there, ``rng`` the random state the training forward pass started from
-    (replayed so dropout masks match). Probe gradients come from ``backward()``, so under
-    DistributedDataParallel or FSDP2 they are averaged over ranks like training gradients.
-    The caller restores its own RNG stream and buffers afterwards.
-    """
-    update = torch._foreach_sub([p.detach() for p in params], before)
-    return smoothness_along(Probe(params, closure, rng, device), before, update, grad_before, probes, direction)
