@@ -1,4 +1,4 @@
-"""Every reader of a run directory against every kind of damage: a RunError (CLI: one line, exit 2), never a traceback."""
+"""Every reader of a run directory against every kind of damage: a RunError (CLI: one line, exit 2)."""
 
 import json
 
