@@ -1,6 +1,7 @@
 """The Hugging Face callbacks: recording leaves training unchanged, AutoClip thresholds, resume_from_checkpoint."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,7 +14,10 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 from dynamics import load_run  # noqa: E402
+from dynamics.errors import DynamicsError  # noqa: E402
 from dynamics.integrations.huggingface import AutoClipCallback, DynamicsCallback, RecordingTrainer  # noqa: E402
+from dynamics.quantities import Quantity  # noqa: E402
+from dynamics.run import RunError  # noqa: E402
 from tests.helpers import assert_equal_params, tables_without_time  # noqa: E402
 
 
@@ -105,7 +109,8 @@ def test_recording_leaves_training_unchanged(tmp_path):
         RecordingTrainer,
         gradient_accumulation_steps=2,
     )
-    without = _train(tmp_path, [DynamicsCallback(tmp_path / "plain", every=2)], gradient_accumulation_steps=2)
+    with pytest.warns(UserWarning, match="RecordingTrainer"):
+        without = _train(tmp_path, [DynamicsCallback(tmp_path / "plain", every=2)], gradient_accumulation_steps=2)
     assert_equal_params(_params(plain), _params(with_mixin))
     assert_equal_params(_params(plain), _params(without))
     run = load_run(tmp_path / "mixin")
@@ -122,19 +127,25 @@ def test_recording_leaves_training_unchanged(tmp_path):
     assert (bare.metrics.step_size > 0).all()
 
 
+class LossAgain(Quantity):
+    """The step's loss re-evaluated by the callback's closure at θt−1 (the same dropout masks replayed)."""
+
+    name = "loss_again"
+    columns = {"loss_again": "float64"}
+
+    def compute(self, ctx):
+        if ctx.prober is None:
+            return {"loss_again": ctx.nan()}
+        with ctx.prober.at(ctx.before), torch.no_grad():
+            return {"loss_again": ctx.closure().double()}
+
+
 def test_closure_reevaluates_the_step_loss(tmp_path):
-    seen = []
-
-    class Check(transformers.TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            with torch.no_grad():
-                seen.append((sum(c() for c in dyn._closures).item(), sum(dyn._losses).item()))
-
-    dyn = DynamicsCallback(tmp_path / "run", every=1, probes=1)
-    _train(tmp_path, [dyn, Check()], RecordingTrainer, dropout=0.0, max_steps=2, gradient_accumulation_steps=2)
-    assert len(seen) == 2
-    for again, loss in seen:
-        assert again == pytest.approx(loss, rel=1e-6)
+    dyn = DynamicsCallback(tmp_path / "run", every=1, quantities=[LossAgain()])
+    _train(tmp_path, [dyn], RecordingTrainer, max_steps=3, gradient_accumulation_steps=2)
+    metrics = load_run(tmp_path / "run").metrics
+    assert list(metrics.step) == [1, 2, 3] and np.isfinite(metrics.loss_again).all()
+    np.testing.assert_allclose(metrics.loss_again, metrics.loss, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dynamics_first", [True, False])
@@ -175,6 +186,17 @@ def test_resume_from_checkpoint_records_every_step_once(tmp_path):
     _train(tmp_path, [first, AutoClipCallback(p=25), StopAt()], RecordingTrainer, **saving)
     assert list(load_run(tmp_path / "resumed").steps.step) == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "b" / "checkpoint-3" / "dynamics_recorder.pt").exists()
+    with pytest.raises(RunError, match="every=2"):  # another schedule would mix two in one table
+        _train(
+            tmp_path, [DynamicsCallback(tmp_path / "resumed", every=3), AutoClipCallback(p=25)], RecordingTrainer,
+            resume=str(tmp_path / "b" / "checkpoint-3"), **saving,
+        )  # fmt: skip
+    damaged = shutil.copytree(tmp_path / "b" / "checkpoint-3", tmp_path / "damaged")
+    (damaged / "dynamics_recorder.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DynamicsError, match="damaged"):
+        _train(
+            tmp_path, [DynamicsCallback(tmp_path / "resumed", every=2)], RecordingTrainer, resume=str(damaged), **saving
+        )
     # resume from step 3: the rows of steps 4-6 are dropped and recorded again
     second = DynamicsCallback(tmp_path / "resumed", every=2, probes=1)
     resumed = _train(
@@ -187,3 +209,47 @@ def test_resume_from_checkpoint_records_every_step_once(tmp_path):
     assert list(b["steps"].step) == list(range(1, 9))
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+
+
+class Boom(transformers.TrainerCallback):
+    """Raise inside train() as the step after ``at`` begins, as a failing model or data loader would."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.filterwarnings("ignore:DynamicsCallback on a plain")
+@pytest.mark.parametrize("trainer_cls", [RecordingTrainer, transformers.Trainer])
+def test_a_run_a_failed_train_left_is_resumed_by_a_new_trainer_in_the_same_process(tmp_path, trainer_cls):
+    saving = dict(max_steps=6, save_strategy="steps", save_steps=2)
+    first = DynamicsCallback(tmp_path / "run", every=2, finish=False)  # kept alive, as in a notebook
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(tmp_path, [first, Boom(at=3)], trainer_cls, **saving)
+    assert load_run(tmp_path / "run").config["status"] == "running"
+    second = DynamicsCallback(tmp_path / "run", every=2)
+    _train(tmp_path, [second], trainer_cls, resume=str(tmp_path / "out" / "checkpoint-2"), **saving)
+    run = load_run(tmp_path / "run")
+    assert run.config["status"] == "finished" and second.recorder.t == 6
+    assert list(run.steps.step) == [1, 2, 3, 4, 5, 6] and list(run.metrics.step) == [2, 4, 6]
+
+
+def test_a_run_whose_first_train_failed_before_any_checkpoint_is_replaced_with_overwrite(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(tmp_path, [DynamicsCallback(tmp_path / "run", every=2), Boom(at=3)], RecordingTrainer)
+    with pytest.raises(RunError, match="overwrite=True"):
+        _train(tmp_path, [DynamicsCallback(tmp_path / "run", every=2)], RecordingTrainer)
+    _train(tmp_path, [DynamicsCallback(tmp_path / "run", every=2, overwrite=True)], RecordingTrainer)
+    run = load_run(tmp_path / "run")
+    assert run.config["status"] == "finished" and list(run.steps.step) == [1, 2, 3, 4]
+
+
+def test_the_same_autoclip_passed_twice_clips_each_step_once(tmp_path):
+    reference = _train(tmp_path, [AutoClipCallback(p=25)], max_steps=6)
+    twice = AutoClipCallback(p=25)
+    trained = _train(tmp_path, [twice, twice], max_steps=6)
+    assert_equal_params(_params(reference), _params(trained))
+    assert twice.clipper.steps == 6 and len(twice.clipper.histories[0].values()) == 6

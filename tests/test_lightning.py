@@ -10,8 +10,11 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from autoclip import AutoClip, wrap  # noqa: E402
 from dynamics import load_run  # noqa: E402
+from dynamics.errors import DynamicsError  # noqa: E402
 from dynamics.integrations.lightning import AutoClipCallback, DynamicsCallback  # noqa: E402
+from dynamics.run import RunError  # noqa: E402
 from tests.helpers import assert_equal_params, tables_without_time  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,11 +63,11 @@ class Oracle(pl.Callback):
 def _fit(tmp_path, callbacks, max_steps=8, dropout=0.2, ckpt_path=None, batches=6, **trainer_kw):
     torch.manual_seed(0)
     module = Net(dropout)
+    trainer_kw.setdefault("logger", False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
-        logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
@@ -140,6 +143,8 @@ def test_resume_from_a_checkpoint_records_what_an_uninterrupted_run_records(tmp_
     assert load_run(tmp_path / "resumed").config["status"] == "running"
     assert list(load_run(tmp_path / "resumed").steps.step) == [1, 2, 3, 4, 5, 6]
     (step3,) = ckpts.glob("*step=3.ckpt")
+    with pytest.raises(RunError, match="every=2"):  # another schedule would mix two in one table
+        fit([DynamicsCallback(tmp_path / "resumed", every=3), AutoClipCallback(p=25)], max_steps=12, ckpt_path=step3)
     # resume from step 3: the rows of steps 4-6 are dropped and recorded again
     second = DynamicsCallback(tmp_path / "resumed", every=2)
     resumed, trainer = fit([second, AutoClipCallback(p=25)], max_steps=12, ckpt_path=step3)
@@ -168,3 +173,54 @@ def test_probe_passes_do_not_log(tmp_path):
     _fit(tmp_path, [DynamicsCallback(tmp_path / "run", every=1, probes=2), Spy(), oracle], max_steps=4)
     # the probes ran training_step again at other parameters; the logged loss is still the step's own
     np.testing.assert_array_equal(np.float32(logged), np.float32(oracle.losses))
+
+
+class Boom(pl.Callback):
+    """Raise inside fit() as step ``at`` + 1 begins, as a failing model or data loader would."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("boom")
+
+
+def test_a_failed_fit_leaves_a_run_that_resumes_or_is_replaced(tmp_path):
+    fit = lambda callbacks, **kw: _fit(tmp_path, callbacks, dropout=0.0, batches=3, max_steps=6, **kw)  # noqa: E731
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([DynamicsCallback(tmp_path / "run", every=2), saver, Boom(at=4)])
+    (step3,) = (tmp_path / "ckpts").glob("*step=3.ckpt")
+    resumed = DynamicsCallback(tmp_path / "run", every=2)
+    fit([resumed, Boom(at=99)], ckpt_path=step3)
+    assert list(load_run(tmp_path / "run").steps.step) == [1, 2, 3, 4, 5, 6] and resumed.recorder.t == 6
+    # a first fit that fails before any checkpoint: the run cannot resume; overwrite=True replaces it
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([DynamicsCallback(tmp_path / "early", every=2), Boom(at=1)])
+    with pytest.raises(RunError, match="overwrite=True"):
+        fit([DynamicsCallback(tmp_path / "early", every=2)])
+    fit([DynamicsCallback(tmp_path / "early", every=2, overwrite=True)])
+    assert list(load_run(tmp_path / "early").steps.step) == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_autoclip_twice_is_refused_rather_than_clipping_twice(tmp_path):
+    twice = AutoClipCallback(p=25)
+    for callbacks in ([twice, twice], [AutoClipCallback(p=25), AutoClipCallback(p=25)]):
+        with pytest.raises(RuntimeError, match="more than one stateful callback of type `AutoClipCallback`"):
+            _fit(tmp_path, callbacks, max_steps=1)  # Lightning's own check, before any step
+    assert twice.clipper is None
+
+
+class WrappedNet(Net):
+    def configure_optimizers(self):
+        return wrap(torch.optim.Adam(self.parameters(), lr=0.05), AutoClip(self.parameters(), p=25))
+
+
+def test_autoclip_callback_on_an_optimizer_that_clips_already_is_refused(tmp_path):
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path, callbacks=[AutoClipCallback(p=25)],
+    )  # fmt: skip
+    with pytest.raises(DynamicsError, match="clip every step twice"):
+        trainer.fit(WrappedNet(), _loader(1))

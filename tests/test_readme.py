@@ -1,19 +1,23 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of every reference page in docs/ run as written."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+EXAMPLES = [(page, code) for page in PAGES for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 
 
 def test_readme_has_examples():
-    assert len(EXAMPLES) >= 3
+    assert len([page for page, _ in EXAMPLES if page.name == "README.md"]) >= 3
 
 
-@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
-def test_readme_example_runs(code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page,code", EXAMPLES, ids=[f"{page.stem}-{i}" for i, (page, _) in enumerate(EXAMPLES)])
+def test_documented_example_runs(page, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
