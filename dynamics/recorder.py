@@ -353,8 +353,9 @@ class Recorder:
     def micro_batch(self) -> None:
         """Optional, after each micro-batch's backward: on record steps, keep the gradients accumulated so far.
 
-        Quantities that compare micro-batches (the gradient noise scale) read them as
-        ``StepContext.micro_grads``. On other steps it does nothing.
+        Quantities that compare micro-batches (``uses_micro_batches``, such as the gradient noise
+        scale) read them as ``StepContext.micro_grads``. On other steps, or without such a
+        quantity due, it does nothing.
         """
         self._check_open()
         if self._phase != "begun":
@@ -362,7 +363,7 @@ class Recorder:
                 "micro_batch() goes after a micro-batch's backward, between begin() and after_backward()"
             )
         self._check_thread()
-        if self._state.record:
+        if self._state.record and any(q.uses_micro_batches and q.should_compute(self.t + 1) for q in self.quantities):
             with torch.no_grad():
                 self._state.micro_grads.append(_grads(self.params))
 

@@ -413,6 +413,7 @@ def test_every_parquet_file_carries_the_config_with_its_run_id(tmp_path):
 
 class _MicroSum(Quantity):
     name = "micro"
+    uses_micro_batches = True
     columns = {"micro_batches": "int64", "last_equals_step": "bool"}
 
     def compute(self, ctx):

@@ -304,6 +304,11 @@ class DynamicsCallbackBase:
         if reevaluate is not None and self.recorder.recording:
             self._step.reevaluate.append(reevaluate)
 
+    def micro_batch_done(self) -> None:
+        """After one micro-batch's backward: the Recorder keeps its gradients where a quantity compares them."""
+        if self.live and self.recorder.recording:
+            self.recorder.micro_batch()
+
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After all backward passes: the Recorder's snapshot and the paired clipper; AutoClip may skip."""
         info = self.recorder.after_backward()

@@ -247,6 +247,7 @@ class DynamicsTrainerMixin:
         reevaluate = functools.partial(self._dynamics_loss, model, inputs, num_items_in_batch)
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, DynamicsCallback):
+                cb.micro_batch_done()
                 cb.add_micro_batch(loss, reevaluate)
         return loss
 

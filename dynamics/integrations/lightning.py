@@ -164,6 +164,9 @@ class DynamicsCallback(DynamicsCallbackBase, pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self._begin(epoch=trainer.current_epoch)
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.micro_batch_done()
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         self._before_optimizer_step(optimizer)
 

@@ -37,6 +37,7 @@ class Quantity:
     columns: dict[str, str] = {}
     table: str = "metrics"  # or "layers": one value per parameter tensor
     every: int | None = None
+    uses_micro_batches: bool = False  # True: reads ctx.micro_grads, so rec.micro_batch() keeps snapshots for it
 
     def __init__(self, every: int | None = None):
         self.every = optional_every(f"{type(self).__name__}.every", every)
