@@ -147,8 +147,8 @@ class Clipper:
 
     Subclasses implement ``_clip(grads, norms) -> ClipInfo`` for finite gradients and may
     extend ``state_dict``/``_check_state``/``_load_state``. The attributes named in
-    ``_settings`` go into the state dict and must match on load; ``_state_data`` names
-    the other keys a subclass adds.
+    ``_settings`` make the state dict (with the step counts) and the repr, and must match on
+    load; ``_state_data`` names the other keys a subclass adds to its state dict.
     """
 
     _settings: tuple[str, ...] = ()
@@ -211,8 +211,15 @@ class Clipper:
         return ClipInfo(norms[0], math.inf, False, finite=False, skip=self.nonfinite == "skip")
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers only: round-trips through torch.save(weights_only=True)."""
-        return {"steps": self.steps, "nonfinite_steps": self.nonfinite_steps}
+        """The step counts and the declared settings (``_settings``); subclasses add their ``_state_data``.
+
+        Plain tensors and numbers only: round-trips through torch.save(weights_only=True).
+        """
+        return {
+            "steps": self.steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            **{key: getattr(self, key) for key in self._settings},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from ``state_dict()`` of a clipper of the same kind and settings.
@@ -257,7 +264,13 @@ class Clipper:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self) -> str:
-        return f"nonfinite={self.nonfinite!r}"
+        """The declared settings, then the non-finite policy."""
+        settings = [f"{key}={_setting(getattr(self, key))}" for key in self._settings]
+        return ", ".join([*settings, f"nonfinite={self.nonfinite!r}"])
+
+
+def _setting(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def _kind(x: object) -> str:

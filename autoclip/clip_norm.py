@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,9 +48,3 @@ class ClipNorm(Clipper):
         coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0).item()
         scale_(flat, coef)
         return ClipInfo(total, self.max_norm, coef < 1.0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "max_norm": self.max_norm}
-
-    def extra_repr(self) -> str:
-        return f"max_norm={self.max_norm:g}, " + super().extra_repr()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,9 +50,3 @@ class ClipValue(Clipper):
         if clipped:
             torch.nn.utils.clip_grad_value_([p for group in self.groups for p in group], self.clip_value)
         return ClipInfo(norms[0], math.inf, clipped)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "clip_value": self.clip_value}
-
-    def extra_repr(self) -> str:
-        return f"clip_value={self.clip_value:g}, " + super().extra_repr()

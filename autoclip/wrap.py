@@ -20,7 +20,9 @@ class ClippedOptimizer(Optimizer):
     and ``state``, so learning-rate schedulers and ``torch.amp.GradScaler`` accept it
     (``scaler.step(opt)`` unscales before our step runs, so the clipper sees true
     gradients, and steps the scaler skips never reach the clipper). A step whose
-    gradients are non-finite under ``nonfinite="skip"`` does not step the optimizer.
+    gradients are non-finite under ``nonfinite="skip"`` does not step the optimizer (with an
+    on-device AutoClip that decision reads ``info.skip`` from the device, one wait per step; with
+    ``nonfinite="zero"`` there is nothing to decide and no wait).
     ``state_dict()`` holds both the optimizer's and the clipper's state. It can be
     deep-copied and pickled (registered hooks are dropped, as torch optimizers drop them).
 

@@ -410,7 +410,8 @@ class Recorder:
         self._pending["grad_norm"].append(info.grad_norm)
         self._pending["threshold"].append(info.threshold)
         self._pending["clipped"].append(info.clipped)
-        self._clipped_since = self._clipped_since + info.clipped
+        clipped = info.clipped.double() if isinstance(info.clipped, Tensor) else info.clipped  # a count, not float32
+        self._clipped_since = self._clipped_since + clipped
         self._steps_since += 1
         if state.record:
             self._record(closure, info, state)

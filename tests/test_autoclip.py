@@ -1,5 +1,6 @@
 """AutoClip against independent oracles: numpy.percentile, clip_grad_norm_, a plain loop."""
 
+import functools
 import math
 
 import numpy as np
@@ -10,7 +11,13 @@ from helpers import backward, batches, grads_of, make_model, save_load, total_no
 from autoclip import AutoClip, NonFiniteGradientError
 
 
-def test_grad_norm_equals_clip_grad_norm_return_value():
+@pytest.fixture(params=[False, True], ids=["host", "device"])
+def autoclip(request):
+    """AutoClip on the host path, then on the device path: the same semantics, bit for bit."""
+    return functools.partial(AutoClip, on_device=request.param)
+
+
+def test_grad_norm_equals_clip_grad_norm_return_value(autoclip):
     model = make_model()
     ((x, y),) = batches(1)
     backward(model, x, y)
@@ -19,11 +26,11 @@ def test_grad_norm_equals_clip_grad_norm_return_value():
     for p, r in zip(model.parameters(), reference):
         r.grad = None if p.grad is None else p.grad.clone()
     expected = torch.nn.utils.clip_grad_norm_(reference, max_norm=math.inf).item()
-    info = AutoClip(model.parameters(), p=100).step()
+    info = autoclip(model.parameters(), p=100).step()
     assert info.grad_norm == expected
 
 
-def test_grad_norm_equals_clip_grad_norm_with_mixed_dtypes():
+def test_grad_norm_equals_clip_grad_norm_with_mixed_dtypes(autoclip):
     torch.manual_seed(0)
     params = [
         torch.nn.Parameter(torch.randn(5)),
@@ -36,12 +43,12 @@ def test_grad_norm_equals_clip_grad_norm_with_mixed_dtypes():
     for c, p in zip(copies, params):
         c.grad = p.grad.clone()
     expected = torch.nn.utils.clip_grad_norm_(copies, math.inf).item()
-    assert AutoClip(params, p=50).step().grad_norm == expected
+    assert autoclip(params, p=50).step().grad_norm == expected
 
 
 @pytest.mark.parametrize("p", [0.0, 10.0, 37.5, 90.0])
-def test_thresholds_equal_numpy_percentile_of_norm_history(p):
-    infos = train(make_model(), batches(60), lambda ps: AutoClip(ps, p=p))
+def test_thresholds_equal_numpy_percentile_of_norm_history(p, autoclip):
+    infos = train(make_model(), batches(60), lambda ps: autoclip(ps, p=p))
     norms = [i.grad_norm for i in infos]
     for n, info in enumerate(infos, start=1):
         expected = float(np.percentile(norms[:n], p))
@@ -49,17 +56,17 @@ def test_thresholds_equal_numpy_percentile_of_norm_history(p):
         assert info.clipped == (info.grad_norm > info.threshold)
 
 
-def test_window_thresholds_use_only_the_last_w_norms():
-    infos = train(make_model(), batches(60), lambda ps: AutoClip(ps, p=25, window=10))
+def test_window_thresholds_use_only_the_last_w_norms(autoclip):
+    infos = train(make_model(), batches(60), lambda ps: autoclip(ps, p=25, window=10))
     norms = [i.grad_norm for i in infos]
     for n, info in enumerate(infos, start=1):
         assert info.threshold == float(np.percentile(norms[max(0, n - 10) : n], 25))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-def test_clipped_total_norm_is_min_of_grad_norm_and_threshold(dtype, tol):
+def test_clipped_total_norm_is_min_of_grad_norm_and_threshold(dtype, tol, autoclip):
     model = make_model(dtype=dtype)
-    clip = AutoClip(model.parameters(), p=10)
+    clip = autoclip(model.parameters(), p=10)
     n_clipped = 0
     for x, y in batches(40, dtype=dtype):
         backward(model, x, y)
@@ -71,12 +78,12 @@ def test_clipped_total_norm_is_min_of_grad_norm_and_threshold(dtype, tol):
     assert n_clipped > 20  # p = 10 clips most steps: the check above was exercised
 
 
-def test_gradient_at_the_threshold_is_untouched():
+def test_gradient_at_the_threshold_is_untouched(autoclip):
     # p = 0 with the same gradient twice: the threshold equals the norm. The paper's
     # eq. 3 has no epsilon, so nothing changes (clip_grad_norm_ would scale by 1 - 1e-6).
     model = make_model()
     ((x, y),) = batches(1)
-    clip = AutoClip(model.parameters(), p=0)
+    clip = autoclip(model.parameters(), p=0)
     for _ in range(2):
         backward(model, x, y)
         before = grads_of(model)
@@ -85,24 +92,24 @@ def test_gradient_at_the_threshold_is_untouched():
         assert all(torch.equal(a, b) for a, b in zip(before, grads_of(model)))
 
 
-def test_p100_run_is_bit_identical_to_no_clipper():
+def test_p100_run_is_bit_identical_to_no_clipper(autoclip):
     data = batches(50)
     plain, clipped = make_model(), make_model()
     train(plain, data)
-    infos = train(clipped, data, lambda ps: AutoClip(ps, p=100))
+    infos = train(clipped, data, lambda ps: autoclip(ps, p=100))
     assert not any(i.clipped for i in infos)
     for a, b in zip(plain.parameters(), clipped.parameters()):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kwargs", [{"p": 10}, {"p": 30, "window": 8}, {"p": 10, "per_group": True}])
-def test_state_dict_resume_at_step_25_gives_same_thresholds(kwargs):
+def test_state_dict_resume_at_step_25_gives_same_thresholds(kwargs, autoclip):
     data = batches(50)
 
     def clipper(model):
         if kwargs.get("per_group"):
-            return AutoClip([{"params": model[0].parameters()}, {"params": model[2:].parameters()}], **kwargs)
-        return AutoClip(model.parameters(), **kwargs)
+            return autoclip([{"params": model[0].parameters()}, {"params": model[2:].parameters()}], **kwargs)
+        return autoclip(model.parameters(), **kwargs)
 
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -127,34 +134,34 @@ def test_state_dict_resume_at_step_25_gives_same_thresholds(kwargs):
     assert clip.steps == 50
 
 
-def test_per_group_thresholds_follow_each_groups_own_history():
+def test_per_group_thresholds_follow_each_groups_own_history(autoclip):
     model = make_model()
     groups = [
         {"params": model[0].parameters()},
         {"params": model[2].parameters()},
         {"params": model[4].parameters()},
     ]
-    clip = AutoClip(groups, p=20, per_group=True)
+    clip = autoclip(groups, p=20, per_group=True)
     histories = [[], [], []]
     for x, y in batches(30):
         backward(model, x, y)
         expected_norms = [total_norm(p.grad for p in model[i].parameters()) for i in (0, 2, 4)]
         info = clip.step()
         for k in range(3):
-            assert info.group_grad_norms[k] == pytest.approx(expected_norms[k], rel=1e-6)
-            histories[k].append(info.group_grad_norms[k])
+            assert float(info.group_grad_norms[k]) == pytest.approx(expected_norms[k], rel=1e-6)
+            histories[k].append(float(info.group_grad_norms[k]))
             assert info.group_thresholds[k] == float(np.percentile(histories[k], 20))
             after = total_norm(p.grad for p in model[2 * k].parameters())
-            assert after == pytest.approx(min(expected_norms[k], info.group_thresholds[k]), rel=1e-6)
-        assert info.threshold == pytest.approx(math.sqrt(sum(t * t for t in info.group_thresholds)))
+            assert after == pytest.approx(min(expected_norms[k], float(info.group_thresholds[k])), rel=1e-6)
+        assert float(info.threshold) == pytest.approx(math.sqrt(sum(float(t) ** 2 for t in info.group_thresholds)))
 
 
-def test_per_group_total_norm_equals_clip_grad_norm():
+def test_per_group_total_norm_equals_clip_grad_norm(autoclip):
     model = make_model()
     ((x, y),) = batches(1)
     backward(model, x, y)
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
-    clip = AutoClip([{"params": model[0].parameters()}, {"params": model[2:].parameters()}], per_group=True)
+    clip = autoclip([{"params": model[0].parameters()}, {"params": model[2:].parameters()}], per_group=True)
     assert clip.step().grad_norm == expected
 
 
@@ -165,9 +172,9 @@ def _poison(model, value):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_skip_leaves_history_and_grads_alone(bad):
+def test_nonfinite_skip_leaves_history_and_grads_alone(bad, autoclip):
     model = make_model()
-    clip = AutoClip(model.parameters(), p=10)
+    clip = autoclip(model.parameters(), p=10)
     train(model, batches(5), clipper=clip)
     history = sorted(clip.histories[0].values())
     threshold = clip.threshold
@@ -191,9 +198,9 @@ def test_nonfinite_raise_raises_a_clear_error():
     assert len(clip.histories[0]) == 0
 
 
-def test_nonfinite_zero_zeroes_gradients_and_keeps_history():
+def test_nonfinite_zero_zeroes_gradients_and_keeps_history(autoclip):
     model = make_model()
-    clip = AutoClip(model.parameters(), nonfinite="zero")
+    clip = autoclip(model.parameters(), nonfinite="zero")
     _poison(model, float("nan"))
     info = clip.step()
     assert not info.finite and not info.skip
@@ -201,9 +208,9 @@ def test_nonfinite_zero_zeroes_gradients_and_keeps_history():
     assert len(clip.histories[0]) == 0
 
 
-def test_skipped_nonfinite_steps_in_a_run_stay_out_of_the_history():
+def test_skipped_nonfinite_steps_in_a_run_stay_out_of_the_history(autoclip):
     model = make_model()
-    clip = AutoClip(model.parameters(), p=10)
+    clip = autoclip(model.parameters(), p=10)
     finite_norms = []
     for t, (x, y) in enumerate(batches(30)):
         backward(model, x, y)

@@ -98,3 +98,15 @@ def test_bad_thresholds_are_rejected():
         ClipNorm(model.parameters(), 0.0)
     with pytest.raises(ValueError, match="clip_value"):
         ClipValue(model.parameters(), -1.0)
+
+
+def test_state_dict_and_repr_come_from_the_declared_settings():
+    params = list(make_model().parameters())
+    cases = [
+        (ClipNorm(params, 2.0), {"max_norm": 2.0}, "ClipNorm(max_norm=2, nonfinite='skip')"),
+        (ClipValue(params, 0.25, "zero"), {"clip_value": 0.25}, "ClipValue(clip_value=0.25, nonfinite='zero')"),
+        (NoClip(params), {}, "NoClip(nonfinite='skip')"),
+    ]
+    for clip, settings, text in cases:
+        assert clip.state_dict() == {"steps": 0, "nonfinite_steps": 0, **settings}
+        assert repr(clip) == text

@@ -2,6 +2,7 @@
 named parameters, copies of wrapped optimizers, LBFGS closures, bad settings and mismatched states."""
 
 import copy
+import functools
 import math
 import pickle
 import warnings
@@ -13,8 +14,16 @@ from helpers import backward, batches, make_model, save_load
 
 from autoclip import AutoClip, ClipNorm, ClipValue, NoClip, RunningPercentile, wrap
 
+
+@pytest.fixture(params=[False, True], ids=["host", "device"])
+def autoclip(request):
+    """AutoClip on the host path, then on the device path: the same semantics, bit for bit."""
+    return functools.partial(AutoClip, on_device=request.param)
+
+
 KINDS = {
     "autoclip": lambda ps: AutoClip(ps, p=10),
+    "autoclip-device": lambda ps: AutoClip(ps, p=10, on_device=True),
     "clipnorm": lambda ps: ClipNorm(ps, 0.5),
     "clipvalue": lambda ps: ClipValue(ps, 0.01),
     "noclip": NoClip,
@@ -28,9 +37,9 @@ def _two_groups(model):
 # -- steps without gradients -------------------------------------------------------------------
 
 
-def test_step_without_gradients_does_not_enter_history():
+def test_step_without_gradients_does_not_enter_history(autoclip):
     model = make_model()
-    clip = AutoClip(model.parameters(), p=0)
+    clip = autoclip(model.parameters(), p=0)
     norms = []
     for t, (x, y) in enumerate(batches(12)):
         if t % 3 == 1:
@@ -54,20 +63,20 @@ def test_step_without_gradients_does_not_enter_history():
     assert clip.steps == 12
 
 
-def test_first_step_without_gradients_reports_infinite_threshold():
+def test_first_step_without_gradients_reports_infinite_threshold(autoclip):
     model = make_model()
     for kwargs in ({"p": 10}, {"p": 0, "window": 3}, {"p": 10, "per_group": True}):
         groups = _two_groups(model) if kwargs.get("per_group") else model.parameters()
-        info = AutoClip(groups, **kwargs).step()
+        info = autoclip(groups, **kwargs).step()
         assert info.grad_norm == 0.0 and info.threshold == math.inf and not info.clipped
-    info = AutoClip(_two_groups(model), per_group=True).step()
+    info = autoclip(_two_groups(model), per_group=True).step()
     assert info.group_grad_norms == (0.0, 0.0) and info.group_thresholds == (math.inf, math.inf)
 
 
-def test_all_zero_gradients_do_not_enter_history():
+def test_all_zero_gradients_do_not_enter_history(autoclip):
     # zero_grad(set_to_none=False) leaves zeros where no backward ran: still no measurement of the scale
     model = make_model()
-    clip = AutoClip(model.parameters(), p=0)
+    clip = autoclip(model.parameters(), p=0)
     (x, y), _ = batches(2)
     backward(model, x, y)
     first = clip.step()
@@ -77,9 +86,9 @@ def test_all_zero_gradients_do_not_enter_history():
     assert clip.histories[0].values() == [first.grad_norm]
 
 
-def test_windowed_history_skips_steps_without_gradients():
+def test_windowed_history_skips_steps_without_gradients(autoclip):
     model = make_model()
-    clip = AutoClip(model.parameters(), p=30, window=3)
+    clip = autoclip(model.parameters(), p=30, window=3)
     norms = []
     for t, (x, y) in enumerate(batches(15)):
         if t % 2:
@@ -107,10 +116,10 @@ def _frozen_then_unfrozen(model, clip, data, frozen_steps):
     return infos
 
 
-def test_per_group_frozen_then_unfrozen_group_keeps_training_at_p0():
+def test_per_group_frozen_then_unfrozen_group_keeps_training_at_p0(autoclip):
     model = make_model()
     start = [p.detach().clone() for p in model[2:].parameters()]
-    clip = AutoClip(_two_groups(model), p=0, per_group=True)
+    clip = autoclip(_two_groups(model), p=0, per_group=True)
     infos = _frozen_then_unfrozen(model, clip, batches(12), frozen_steps=5)
     for info in infos[:5]:
         assert info.group_grad_norms[1] == 0.0 and info.group_thresholds[1] == math.inf
@@ -122,18 +131,18 @@ def test_per_group_frozen_then_unfrozen_group_keeps_training_at_p0():
     assert all(not torch.equal(a, b) for a, b in zip(start, model[2:].parameters()))
 
 
-def test_per_group_history_round_trips_with_a_frozen_group():
+def test_per_group_history_round_trips_with_a_frozen_group(autoclip):
     data = batches(16)
     whole_model = make_model()
     whole = _frozen_then_unfrozen(
-        whole_model, AutoClip(_two_groups(whole_model), p=20, per_group=True, window=6), data, frozen_steps=10
+        whole_model, autoclip(_two_groups(whole_model), p=20, per_group=True, window=6), data, frozen_steps=10
     )
     model = make_model()
-    clip = AutoClip(_two_groups(model), p=20, per_group=True, window=6)
+    clip = autoclip(_two_groups(model), p=20, per_group=True, window=6)
     first = _frozen_then_unfrozen(model, clip, data[:8], frozen_steps=10)
     saved = save_load(clip.state_dict())
     assert len(saved["histories"][1]) == 0
-    clip = AutoClip(_two_groups(model), p=20, per_group=True, window=6)
+    clip = autoclip(_two_groups(model), p=20, per_group=True, window=6)
     clip.load_state_dict(saved)
     second = _frozen_then_unfrozen(model, clip, data[8:], frozen_steps=2)
     assert [i.group_thresholds for i in first + second] == [i.group_thresholds for i in whole]
@@ -187,7 +196,7 @@ def test_clip_norm_matches_clip_grad_norm_on_complex_parameters(max_norm):
         assert a.grad.dtype == b.grad.dtype and torch.equal(a.grad, b.grad)
 
 
-def test_complex_gradient_norm_is_vector_norm_for_autoclip_and_noclip():
+def test_complex_gradient_norm_is_vector_norm_for_autoclip_and_noclip(autoclip):
     params = _complex_params()
     # independent oracle: sqrt of the sum of |z|^2 over every element, in float64
     exact = math.sqrt(sum((p.grad.to(torch.complex128).abs() ** 2).sum().item() for p in params))
@@ -197,19 +206,19 @@ def test_complex_gradient_norm_is_vector_norm_for_autoclip_and_noclip():
         math.sqrt((params[0].grad.abs() ** 2).sum().item()), rel=1e-6
     )
     assert NoClip(params).step().grad_norm == torch_norm
-    assert AutoClip(params, p=100).step().grad_norm == torch_norm
+    assert autoclip(params, p=100).step().grad_norm == torch_norm
 
 
-def test_autoclip_scales_complex_gradients_by_the_real_factor():
+def test_autoclip_scales_complex_gradients_by_the_real_factor(autoclip):
     large = _complex_params()
-    clip = AutoClip(large, p=0)
-    threshold = clip.step().grad_norm
+    clip = autoclip(large, p=0)
+    threshold = float(clip.step().grad_norm)
     for p in large:
         p.grad = p.grad * 5.0  # a larger gradient next: p = 0 clips it to the first norm
     before = [p.grad.clone() for p in large]
     info = clip.step()
     assert info.clipped and info.threshold == threshold
-    coef = threshold / info.grad_norm
+    coef = threshold / float(info.grad_norm)
     for b, p in zip(before, large):
         assert torch.equal(p.grad, b * coef)  # phase kept: the real and imaginary parts scale alike
     after = torch.linalg.vector_norm(
@@ -242,9 +251,9 @@ def _step_with(opt, grads):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_copy_of_wrapped_optimizer_is_independent_and_steps_identically(how):
+def test_copy_of_wrapped_optimizer_is_independent_and_steps_identically(how, autoclip):
     model = make_model()
-    opt = wrap(torch.optim.Adam(model.parameters(), lr=1e-2), AutoClip(model.parameters(), p=20, window=8))
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=1e-2), autoclip(model.parameters(), p=20, window=8))
     params = list(model.parameters())
     for seed in range(6):
         _step_with(opt, _random_grads(params, seed))
@@ -315,10 +324,10 @@ def _lbfgs_run(model, steps, line_search, clipper=None, inner_clip=None, norms=N
 
 
 @pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
-def test_lbfgs_wrapped_with_p100_is_bit_identical_to_plain_lbfgs(line_search):
+def test_lbfgs_wrapped_with_p100_is_bit_identical_to_plain_lbfgs(line_search, autoclip):
     plain, wrapped = make_model(), make_model()
     plain_losses, _ = _lbfgs_run(plain, 3, line_search)
-    losses, infos = _lbfgs_run(wrapped, 3, line_search, clipper=AutoClip(wrapped.parameters(), p=100))
+    losses, infos = _lbfgs_run(wrapped, 3, line_search, clipper=autoclip(wrapped.parameters(), p=100))
     assert losses == plain_losses
     assert len(infos) > 3 and not any(i.clipped for i in infos)  # LBFGS evaluated the closure many times
     for a, b in zip(plain.parameters(), wrapped.parameters()):
@@ -326,13 +335,13 @@ def test_lbfgs_wrapped_with_p100_is_bit_identical_to_plain_lbfgs(line_search):
 
 
 @pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
-def test_lbfgs_wrapped_clips_every_closure_evaluation(line_search):
+def test_lbfgs_wrapped_clips_every_closure_evaluation(line_search, autoclip):
     # oracle: plain LBFGS whose closure calls its own AutoClip after backward
     reference = make_model()
-    ref_losses, _ = _lbfgs_run(reference, 3, line_search, inner_clip=AutoClip(reference.parameters(), p=30))
+    ref_losses, _ = _lbfgs_run(reference, 3, line_search, inner_clip=autoclip(reference.parameters(), p=30))
     model = make_model()
     norms = []
-    losses, infos = _lbfgs_run(model, 3, line_search, clipper=AutoClip(model.parameters(), p=30), norms=norms)
+    losses, infos = _lbfgs_run(model, 3, line_search, clipper=autoclip(model.parameters(), p=30), norms=norms)
     assert losses == ref_losses
     for a, b in zip(reference.parameters(), model.parameters()):
         assert torch.equal(a, b)
@@ -343,12 +352,12 @@ def test_lbfgs_wrapped_clips_every_closure_evaluation(line_search):
     assert sum(i.clipped for i in infos) > len(infos) // 2
 
 
-def test_closure_step_with_sgd_equals_clip_then_step():
+def test_closure_step_with_sgd_equals_clip_then_step(autoclip):
     data = batches(10)
     plain, closed = make_model(), make_model()
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
-    plain_clip = AutoClip(plain.parameters(), p=10)
-    opt = wrap(torch.optim.SGD(closed.parameters(), lr=0.05, momentum=0.9), AutoClip(closed.parameters(), p=10))
+    plain_clip = autoclip(plain.parameters(), p=10)
+    opt = wrap(torch.optim.SGD(closed.parameters(), lr=0.05, momentum=0.9), autoclip(closed.parameters(), p=10))
     for x, y in data:
         backward(plain, x, y)
         expected = plain_clip.step()
@@ -366,9 +375,9 @@ def test_closure_step_with_sgd_equals_clip_then_step():
         assert torch.equal(a, b)
 
 
-def test_closure_step_skips_a_nonfinite_first_evaluation():
+def test_closure_step_skips_a_nonfinite_first_evaluation(autoclip):
     model = make_model()
-    opt = wrap(torch.optim.LBFGS(model.parameters()), AutoClip(model.parameters(), p=10))
+    opt = wrap(torch.optim.LBFGS(model.parameters()), autoclip(model.parameters(), p=10))
     before = [p.detach().clone() for p in model.parameters()]
 
     def closure():
@@ -385,12 +394,12 @@ def test_closure_step_skips_a_nonfinite_first_evaluation():
 # -- what params may be ---------------------------------------------------------------------------
 
 
-def test_named_parameters_are_accepted_like_torch_optimizers():
+def test_named_parameters_are_accepted_like_torch_optimizers(autoclip):
     data = batches(20)
     a, b = make_model(), make_model()
-    by_tensor = AutoClip(a.parameters(), p=10)
-    by_name = AutoClip(b.named_parameters(), p=10)
-    named_groups = AutoClip(
+    by_tensor = autoclip(a.parameters(), p=10)
+    by_name = autoclip(b.named_parameters(), p=10)
+    named_groups = autoclip(
         [{"params": list(b[0].named_parameters())}, {"params": list(b[2:].named_parameters())}], per_group=True
     )
     assert [q for g in named_groups.groups for q in g] == list(b.parameters())
@@ -400,11 +409,11 @@ def test_named_parameters_are_accepted_like_torch_optimizers():
         assert by_name.step() == by_tensor.step()
 
 
-def test_param_groups_of_an_optimizer_built_from_named_parameters():
+def test_param_groups_of_an_optimizer_built_from_named_parameters(autoclip):
     model = make_model()
     opt = torch.optim.SGD(model.named_parameters(), lr=0.1)
     assert "param_names" in opt.param_groups[0]
-    clip = AutoClip(opt.param_groups, per_group=True)
+    clip = autoclip(opt.param_groups, per_group=True)
     ((x, y),) = batches(1)
     backward(model, x, y)
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
@@ -460,10 +469,10 @@ def test_used_up_generator_and_group_without_params_are_rejected():
         NoClip([{"params": model[0].parameters()}, {"lr": 0.1}])
 
 
-def test_frozen_parameters_are_accepted():
+def test_frozen_parameters_are_accepted(autoclip):
     model = make_model()
     model[0].requires_grad_(False)
-    clip = AutoClip(model.parameters(), p=100)
+    clip = autoclip(model.parameters(), p=100)
     ((x, y),) = batches(1)
     backward(model, x, y)
     expected = torch.nn.utils.get_total_norm([p.grad for p in model[2:].parameters()]).item()
@@ -581,6 +590,8 @@ def _trained(clip, model, n=4):
         (NoClip, lambda ps: ClipValue(ps, 0.1), "from a NoClip, not a ClipValue"),
         (lambda ps: ClipValue(ps, 0.1), lambda ps: ClipNorm(ps, 0.1), "from a ClipValue, not a ClipNorm"),
         (lambda ps: AutoClip(ps, p=5), lambda ps: AutoClip(ps, p=10), "saved with p=5.0.*construct it with p=5.0"),
+        (lambda ps: AutoClip(ps, p=5, on_device=True), lambda ps: AutoClip(ps, p=10, on_device=True), "saved with p=5"),
+        (lambda ps: AutoClip(ps, window=8), lambda ps: AutoClip(ps, on_device=True), "saved with window=8"),
         (lambda ps: AutoClip(ps, window=8), lambda ps: AutoClip(ps), "saved with window=8.*has window=None"),
         (lambda ps: AutoClip(ps), lambda ps: AutoClip(ps, window=8), "saved with window=None"),
         (lambda ps: AutoClip(ps, per_group=True), lambda ps: AutoClip(ps), "saved with per_group=True"),
@@ -630,16 +641,16 @@ def test_load_state_dict_refuses_another_number_of_groups_and_damaged_states():
     assert clip.state_dict()["steps"] == 4
 
 
-def test_wrapped_load_state_dict_refuses_a_plain_optimizer_state_and_changes_nothing_on_mismatch():
+def test_wrapped_load_state_dict_refuses_a_plain_optimizer_state_and_changes_nothing_on_mismatch(autoclip):
     model = make_model()
-    opt = wrap(torch.optim.Adam(model.parameters(), lr=0.1), AutoClip(model.parameters(), p=10))
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=0.1), autoclip(model.parameters(), p=10))
     for seed in range(3):
         _step_with(opt, _random_grads(list(model.parameters()), seed))
     with pytest.raises(ValueError, match="load a plain optimizer's state_dict with .optimizer.load_state_dict"):
         opt.load_state_dict(opt.optimizer.state_dict())
     other = wrap(
         torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2:].parameters()}], lr=0.1),
-        AutoClip(model.parameters(), p=10),
+        autoclip(model.parameters(), p=10),
     )
     other.clipper.steps = 7
     before = opt.clipper.histories[0].values()
