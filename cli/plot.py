@@ -33,16 +33,42 @@ AUTO = "\0auto"  # --layers given without a column
     "(default column: update_ratio if recorded, else grad_norm).",
 )
 @click.option(
+    "--depth",
+    type=int,
+    default=None,
+    metavar="N",
+    help="With --layers: one row per module, its name's first N dot-separated parts; a module's norm is "
+    "the root-sum-square of its tensors'.  [default: the deepest N with at most 40 rows]",
+)
+@click.option(
+    "--match",
+    default=None,
+    metavar="REGEX",
+    help="With --layers: only tensors whose name contains a match of REGEX (before grouping).",
+)
+@click.option(
     "--columns",
     default=None,
     metavar="A,B,...",
     help="Metrics columns against iteration, one panel each (e.g. sharpness,step_size).",
 )
-def plot(run_dirs, out, layers, columns):
+def plot(run_dirs, out, layers, depth, match, columns):
     """Draw the paper's Fig. 1 for one or more runs (runs that differ only in seed: mean with a
     95% band, one pooled hexbin), or with --layers / --columns other views of them."""
     if layers is not None and columns is not None:
         fail("choose one of --layers and --columns")
+    if layers is None and (depth is not None or match is not None):
+        option = "--depth" if depth is not None else "--match"
+        fail(f"{option} goes with --layers, e.g. dyn plot RUN_DIR --layers --depth 3")
+    if depth is not None and depth < 1:
+        fail(f"--depth must be a positive integer (the name parts kept per row), got {depth}")
+    if match is not None:
+        import re
+
+        try:
+            re.compile(match)
+        except re.error as e:
+            fail(f"--match {match!r} is not a valid regular expression ({e})")
     if layers is not None and layers != AUTO and Path(layers).is_dir():
         # `dyn plot --layers RUN_DIR ...`: the option took the first run for its column
         run_dirs, layers = (Path(layers), *run_dirs), AUTO
@@ -64,14 +90,14 @@ def plot(run_dirs, out, layers, columns):
             check_columns(runs, wanted)
         except ValueError as e:
             fail(f"--columns: {e}")
-    import matplotlib
+    from figures import style
 
-    matplotlib.use("Agg")
+    style.pyplot()  # off-screen drawing, chosen once for every view
     try:
         if layers is not None:
             from figures.layers import layers_figure
 
-            fig = layers_figure(runs, None if layers == AUTO else layers)
+            fig = layers_figure(runs, None if layers == AUTO else layers, depth=depth, match=match)
         elif wanted is not None:
             from figures.columns import columns_figure
 

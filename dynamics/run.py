@@ -320,7 +320,7 @@ def _check_columns(table: pa.Table, name: str, schema: pa.Schema | None, path: P
         if field.name not in table.column_names:
             continue
         column = table.column(field.name)
-        if column.type == field.type:
+        if column.type == field.type or (field.type == pa.string() and pa.types.is_large_string(column.type)):
             continue
         numeric = (
             pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)

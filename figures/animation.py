@@ -51,11 +51,9 @@ def threshold_animation(
 
         threshold_animation(load_run("runs/autoclip-p10"), "threshold.gif", frames=100)
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     check_animation(frames, duration)
     m = run.metrics
@@ -78,8 +76,11 @@ def threshold_animation(
     # evenly spaced iterations, the last one the end of training (a single frame shows the end)
     frame_steps = np.linspace(steps[0], steps[-1], frames) if frames > 1 else np.array([steps[-1]], dtype=float)
 
+    # drawn on an Agg canvas of its own, whatever pyplot's backend: blitting needs Agg's pixel buffer
     with sns.axes_style("white"):
-        fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=dpi, layout="constrained")
+        fig = Figure(figsize=(5.5, 4.2), dpi=dpi, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
     ax.set(xlim=xlim, ylim=ylim, xlabel="log(gradient norm)", ylabel="log(smoothness)", title=style.label(run))
     # animated artists are left out of full draws and drawn over a saved background (blitting)
     points = ax.scatter([], [], s=9, color=color, alpha=0.5, linewidths=0, animated=True)
@@ -117,7 +118,6 @@ def threshold_animation(
         images.append(Image.fromarray(rgb).quantize(palette=palette, dither=Image.Dither.NONE))
         if on_frame is not None:
             on_frame(i, int(steps[row]), ax, line)
-    plt.close(fig)
     _write_gif(path, images, max(20, int(round(1000 * duration / len(images)))))
     return len(images)
 

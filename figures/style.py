@@ -4,11 +4,33 @@ AutoClip red, others from one palette)."""
 from __future__ import annotations
 
 import math
+import sys
 
 from dynamics.run import Run
 
 NO_CLIP_COLOR = "#00008b"  # dark blue
 AUTOCLIP_COLOR = "#e00000"  # red
+
+
+def pyplot():
+    """``matplotlib.pyplot``, drawing off-screen (the Agg backend) unless the program chose a backend.
+
+    The one place dyn picks a backend: figures are written to files, and a window backend costs
+    start-up time or fails without a display. A backend chosen before (``MPLBACKEND``, as Jupyter
+    sets it; ``matplotlib.use``; a matplotlibrc) or a pyplot already imported is left as it is.
+    """
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        try:
+            chosen = matplotlib.get_backend(auto_select=False)  # matplotlib >= 3.10
+        except TypeError:
+            chosen = matplotlib.rcParams._get_backend_or_none()
+        if chosen is None:
+            matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def clipper_of(run: Run) -> dict:

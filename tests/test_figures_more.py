@@ -33,7 +33,7 @@ from figures.compare import comparison_figure  # noqa: E402
 from figures.fig1 import fig1  # noqa: E402
 from figures.files import FigurePathError, check_writable, save_figure  # noqa: E402
 from figures.groups import group_runs  # noqa: E402
-from figures.layers import layers_figure, short_name  # noqa: E402
+from figures.layers import layers_figure  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
 N = 120  # recorded rows per run
@@ -261,8 +261,7 @@ def test_heatmap_is_log10_of_the_layers_table(runs, built, column):
             assert np.isnan(expected).sum() == 1 and np.ma.getmaskarray(image).sum() == 1  # the zero: blank
         assert fig.axes[-1].get_ylabel() == f"log10({shown})"  # the colour bar
         labels = [t.get_text() for t in ax.get_yticklabels()]
-        assert labels == [short_name(n) for n in LAYER_NAMES]
-        assert all(len(label) <= 32 for label in labels) and "…" in labels[0]
+        assert labels == LAYER_NAMES  # 14 tensors fit: one row each, named in full (no common prefix to drop)
     finally:
         plt.close(fig)
 
@@ -278,12 +277,21 @@ def test_heatmap_ticks_stay_readable_for_many_layers_and_steps(tmp_path):
         }
     )
     run = load_run(save_run(tmp_path / "big", {"clipper": {"kind": "NoClip"}}, layers=frame))
-    fig = layers_figure([run])
+    default = layers_figure([run])  # at most 40 rows: the 100 numbered layers in ranges of 3
+    try:
+        ax = only(default.heatmap_axes)
+        assert only(ax.images).get_array().shape == (34, 350)
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels == [f"layer.{i}–{min(i + 2, 99)}" if i < 99 else "layer.99" for i in range(0, 100, 3)]
+        assert ax.get_ylabel() == "encoder.…"
+    finally:
+        plt.close(default)
+    fig = layers_figure([run], depth=3)  # asked for every layer: 100 rows
     try:
         ax = only(fig.heatmap_axes)
         assert only(ax.images).get_array().shape == (100, 350)
         labels = [t.get_text() for t in ax.get_yticklabels()]
-        assert labels == names[::2]  # every second row named, in model order
+        assert labels == [n.removeprefix("encoder.").removesuffix(".weight") for n in names[::2]]  # every second row
         ticks = set(ax.get_yticks()) | set(ax.get_yticks(minor=True))  # a short tick on every row
         assert ticks == set(range(100))
         fig.canvas.draw()
@@ -355,13 +363,138 @@ def test_columns_unknown_is_an_error_listing_the_columns(runs):
         columns_figure([runs["noclip"]], ["loss", "nope"])
 
 
+SPARSE = 6  # a quantity measured every 6th record step
+
+
+def sparse_run(root, seed: int, optimizer: dict) -> tuple[Run, pd.DataFrame]:
+    m = metrics_frame(seed, 10.0)
+    m.loc[np.arange(N) % SPARSE != 2, "sharpness"] = np.nan  # measured on rows 2, 8, 14, ...: no two adjacent
+    cfg = {**config(seed, AUTO), "optimizer": optimizer}
+    return load_run(save_run(root / f"sparse{seed}-{optimizer['kind']}", cfg, metrics=m)), m
+
+
+def test_sparse_columns_are_drawn_through_their_measured_points_with_markers(tmp_path):
+    run, m = sparse_run(tmp_path, 0, {"kind": "Adam", "lr": 1e-3})
+    fig = columns_figure([run], ["sharpness", "step_size"])
+    try:
+        curve = only([line for line in fig.column_axes["sharpness"].lines if line.get_gid() != "two_over_lr"])
+        measured = m[m.sharpness.notna()]
+        assert len(measured) == N // SPARSE and curve.get_marker() == "o"
+        np.testing.assert_array_equal(curve.get_xdata(), measured.step.to_numpy())
+        np.testing.assert_allclose(curve.get_ydata(), measured.sharpness.to_numpy(), rtol=1e-12)
+        dense = only(fig.column_axes["step_size"].lines)  # measured every record: a plain line, as before
+        assert dense.get_marker() == "None" and len(dense.get_xdata()) == N
+    finally:
+        plt.close(fig)
+    # seeds: the band and mean over the measured steps, marked
+    (tmp_path / "seeds").mkdir()
+    pairs = [sparse_run(tmp_path / "seeds", s, {"kind": "Adam", "lr": 1e-3}) for s in SEEDS]
+    fig = columns_figure([r for r, _ in pairs], ["sharpness"])
+    try:
+        ax = fig.column_axes["sharpness"]
+        steps, mean, low, high = oracle_band([f[f.sharpness.notna()] for _, f in pairs], "sharpness")
+        xs, lows, highs = band_of(ax)
+        np.testing.assert_array_equal(xs, steps)
+        np.testing.assert_allclose(lows, low, rtol=1e-10)
+        np.testing.assert_allclose(highs, high, rtol=1e-10)
+        line = only([line for line in ax.lines if line.get_gid() == "mean"])
+        assert line.get_marker() == "o"
+        np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-12)
+    finally:
+        plt.close(fig)
+
+
+def edge_lines(run):
+    fig = columns_figure([run], ["sharpness"])
+    try:
+        return [
+            (line.get_ydata()[0], line.get_label())
+            for line in fig.column_axes["sharpness"].lines
+            if line.get_gid() == "two_over_lr"
+        ]
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW", "RMSprop", "Adagrad"])
+def test_no_edge_of_stability_line_for_adaptive_optimizers(tmp_path, kind):
+    run, _ = sparse_run(tmp_path, 0, {"kind": kind, "lr": LR})
+    assert edge_lines(run) == []
+
+
+def diverges(curvature: float, lr: float, **settings) -> bool:
+    """Whether torch.optim.SGD on ½·curvature·θ² blows up (the oracle for the edge of stability)."""
+    import torch
+
+    theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = torch.optim.SGD([theta], lr=lr, **settings)
+    for _ in range(600):
+        theta.grad = curvature * theta.detach()  # the gradient of ½·curvature·θ²
+        opt.step()
+    return bool(theta.abs().item() > 1.0)
+
+
+@pytest.mark.parametrize(
+    "settings, c, label",
+    [
+        ({}, 2.0, "2/lr"),
+        ({"momentum": 0.9}, 3.8, "2(1+β)/lr, β = 0.9"),
+        ({"momentum": 0.9, "dampening": 0.5}, 7.6, "2(1+β)/(lr(1−0.5)), β = 0.9"),
+        ({"momentum": 0.9, "nesterov": True}, 3.8 / 2.8, "2(1+β)/(lr(1+2β)), β = 0.9, Nesterov"),
+        ({"momentum": 0.5, "weight_decay": 0.4}, 3.0, "2(1+β)/lr − 0.4, β = 0.5"),
+    ],
+)
+def test_edge_of_stability_of_sgd_is_where_sgd_diverges(tmp_path, settings, c, label):
+    run, _ = sparse_run(tmp_path, 0, {"kind": "SGD", "lr": LR, "dampening": 0, "nesterov": False, **settings})
+    ((y, shown),) = edge_lines(run)
+    assert shown == label
+    assert y == pytest.approx(c / LR - settings.get("weight_decay", 0.0), rel=1e-12)
+    # torch's own SGD on a quadratic: stable just below the line, diverging just above it
+    assert not diverges(0.98 * y, LR, **settings) and diverges(1.02 * y, LR, **settings)
+
+
+def test_comparison_shows_only_what_the_runs_recorded(tmp_path, built):
+    # a run of another task: loss and gradient norms, no step sizes, no held-out evaluation
+    m = built["noclip"][1][["step", "loss", "grad_norm", "threshold"]]
+    plain = load_run(save_run(tmp_path / "plain", {"clipper": {"kind": "NoClip"}}, metrics=m))
+    fig = comparison_figure([plain])
+    try:
+        assert list(fig.panel_axes) == ["loss", "threshold"] and len(fig.axes) == 2
+        assert all(ax.lines for ax in fig.axes)  # no empty panel
+        assert not [ax for ax in fig.axes if "held-out" in ax.get_ylabel()]
+    finally:
+        plt.close(fig)
+    fig = comparison_figure([plain, load_run(built["noclip"][0])])
+    try:
+        assert list(fig.panel_axes) == ["step_size", "loss", "threshold"]  # one run has step sizes: drawn for it
+        assert [line.get_label() for line in fig.panel_axes["step_size"].lines] == ["No clipping (run-0-NoClip)"]
+    finally:
+        plt.close(fig)
+
+
+def test_figures_draw_off_screen_unless_a_backend_was_chosen():
+    code = (
+        "import sys, matplotlib; from figures import style; plt = style.pyplot(); "
+        "print(matplotlib.get_backend().lower())"
+    )
+    env = {k: v for k, v in ENV.items() if k != "MPLBACKEND"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [
+            pool.submit(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, env=e)
+            for e in (env, {**env, "MPLBACKEND": "svg"})
+        ]
+        agg, chosen = (r.result() for r in runs)
+    assert (agg.stdout.strip(), chosen.stdout.strip()) == ("agg", "svg"), (agg.stderr, chosen.stderr)
+
+
 def test_comparison_figure_takes_any_eval_column(tmp_path, built):
     m = built["noclip"][1]
     ev = pd.DataFrame({"step": np.array([100, 300, 600], np.int64), "accuracy": [0.5, 0.7, 0.9]})
     run = load_run(save_run(tmp_path / "ev", {"clipper": {"kind": "NoClip"}}, metrics=m, eval=ev))
     fig = comparison_figure([run])
     try:
-        ax = fig.axes[3]
+        ax = fig.panel_axes["eval"]
+        assert list(fig.panel_axes) == ["step_size", "loss", "threshold", "eval"]
         assert ax.get_ylabel() == "held-out accuracy"
         np.testing.assert_allclose(only(ax.lines).get_ydata(), [0.5, 0.7, 0.9])
     finally:
