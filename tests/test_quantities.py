@@ -63,8 +63,9 @@ def test_user_defined_quantity_adds_its_column_with_the_right_values(tmp_path):
     assert np.isfinite(run.metrics.step_size).all() and np.isfinite(run.metrics.smoothness).all()
 
 
+@pytest.mark.parametrize("hvp", ["fd", "autograd"])
 @pytest.mark.parametrize("spectrum", [[10.0, 5.0, 2.0, 1.0, 0.5, 0.1], [3.0, 1.0, 0.2, 0.05]])
-def test_sharpness_on_a_quadratic_is_the_top_eigenvalue(tmp_path, spectrum):
+def test_sharpness_on_a_quadratic_is_the_top_eigenvalue(tmp_path, spectrum, hvp):
     model, a, loss = _quadratic(spectrum)
     top = torch.linalg.eigvalsh(a).max().item()
     rec = Recorder(
@@ -72,7 +73,7 @@ def test_sharpness_on_a_quadratic_is_the_top_eigenvalue(tmp_path, spectrum):
         torch.optim.SGD(model.parameters(), lr=0.01),
         tmp_path / "run",
         every=2,
-        quantities=[Sharpness(every=4, iters=40)],
+        quantities=[Sharpness(every=4, iters=40, hvp=hvp)],
     )
     for _ in range(8):
         rec.step(loss)

@@ -27,12 +27,16 @@ from dynamics.quantities.builtin import (
     UpdateCosine,
     UpdateRatio,
 )
-from dynamics.quantities.curvature import Sharpness
+from dynamics.quantities.curvature import HessianTrace, HessianVectorProducts, Sharpness
+from dynamics.quantities.noise import GradientNoiseScale
 
 __all__ = [
     "ARROW_TYPES",
     "DEFAULTS",
     "DistanceFromInit",
+    "GradientNoiseScale",
+    "HessianTrace",
+    "HessianVectorProducts",
     "LayerNorms",
     "Quantity",
     "SetupContext",
