@@ -21,3 +21,9 @@ def test_documented_example_runs(page, code, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+
+
+def test_every_page_the_readme_links_exists():
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(((?:docs/)[^)#]+)\)", text)
+    assert links and [link for link in links if not (ROOT / link).exists()] == []
