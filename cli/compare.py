@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -14,18 +13,10 @@ from cli.common import check_figure_path, load_runs, save_figure
 from cli.errors import fail
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.4g}"
-    return str(value)
-
-
 def print_table(rows: list[dict], columns) -> None:
-    cells = [[_fmt(r[c]) for c in columns] for r in rows]
+    from dynamics.summary import format_number
+
+    cells = [[format_number(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
@@ -33,6 +24,7 @@ def print_table(rows: list[dict], columns) -> None:
 
 
 def _r_note(runs) -> str:
+    from dynamics.analysis import RELAXED_RESAMPLES
     from dynamics.stats import DEFAULT_RESAMPLES
     from dynamics.summary import r_block
 
@@ -40,7 +32,9 @@ def _r_note(runs) -> str:
     span = f"{blocks[0]}" if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
     return (
         f"r_ci: 95% studentized moving-block bootstrap of the record rows, {DEFAULT_RESAMPLES} resamples (seeded), "
-        f"block length {span} rows (Politis-White)"
+        f"block length {span} rows (Politis-White); l0_ci, l1_ci: 95% percentile intervals of the same "
+        f"moving-block bootstrap ({RELAXED_RESAMPLES} resamples) of the median regression "
+        "smoothness ~ l0 + l1 * grad_norm"
     )
 
 
@@ -67,14 +61,20 @@ GROUPS_NOTE = (
     help="Also draw an overlay figure (.png, .pdf or .svg).",
 )
 def compare(run_dirs, as_json, as_csv, groups, out):
-    """Compare runs: final loss, step size, r-value, clipping, threshold, final evaluation.
+    """Compare runs: final loss, step size, r-value, relaxed smoothness, clipping, threshold, final evaluation.
 
     One row per run: run, steps, final_loss, step_size_mean, step_size_cv, r_value, r_ci_low,
-    r_ci_high, clipped_fraction, final_threshold, final_si_sdri, then final_<column> for every
-    other column of the runs' eval tables (empty/null where a run has none). r_ci_low and
-    r_ci_high: a 95% interval of r_value from a studentized moving-block bootstrap over the
-    recorded rows (bootstrap-t on Fisher's z; 2000 resamples, seeded, so reruns print the same
-    numbers; block length by Politis and White's rule, stated on stderr).
+    r_ci_high, l0, l1, l0_ci_low, l0_ci_high, l1_ci_low, l1_ci_high, clipped_fraction, clip_rate,
+    clip_rate_last10, mean_clip_coef, mean_clip_coef_last10, lr_scale, lr_scale_last10,
+    final_threshold, final_si_sdri, then final_<column> for every other column of the runs' eval
+    tables (empty/null where a run has none). r_ci_low and r_ci_high: a 95% interval of r_value
+    from a studentized moving-block bootstrap over the recorded rows (bootstrap-t on Fisher's z;
+    2000 resamples, seeded, so reruns print the same numbers; block length by Politis and White's
+    rule, stated on stderr). l0, l1: relaxed smoothness, smoothness <= l0 + l1 * grad_norm fitted by
+    median regression with l0, l1 >= 0, with 95% moving-block bootstrap intervals. Clipping, from
+    every step (whole run, and _last10 for the last 10% of steps): clip_rate (= clipped_fraction),
+    the fraction of steps clipped; mean_clip_coef, the mean threshold / grad_norm of clipped steps;
+    lr_scale, the mean of min(1, threshold / grad_norm), the factor clipping puts on the step.
 
     --groups: runs whose configs differ only in seed (and names, output paths, command line,
     versions, timing) form a group. One entry per group: name, n_seeds, and <column>_mean,
@@ -123,18 +123,14 @@ def compare(run_dirs, as_json, as_csv, groups, out):
         click.echo(f"figure: {out}", err=True)
 
 
-def _interval(mean, low, high) -> str:
-    if isinstance(low, float) and math.isnan(low):
-        return _fmt(mean)
-    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
-
-
 def print_groups(rows: list[dict]) -> None:
     """Groups as a table, one column per group (and the difference), each cell "mean [ci_low, ci_high]"."""
+    from dynamics.summary import format_interval
+
     measures = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean")]
     heads = [r["name"] if r["n_seeds"] is None else f"{r['name']} ({r['n_seeds']} seeds)" for r in rows]
     table = [
-        {"": m} | {h: _interval(r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for h, r in zip(heads, rows)}
+        {"": m} | {h: format_interval(r[f"{m}_mean"], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for h, r in zip(heads, rows)}
         for m in measures
     ]
     print_table(table, ["", *heads])
@@ -144,7 +140,7 @@ def print_groups(rows: list[dict]) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def info(run_dir):
     """What a run is (clipper, task, status) and what it recorded."""
-    from dynamics.summary import final_eval, summarize
+    from dynamics.summary import final_eval, format_interval, format_number, summarize
 
     (run,) = load_runs((run_dir,))
     c = run.config
@@ -168,24 +164,48 @@ def info(run_dir):
     if not run.metrics.empty:
         s = summarize(run)
         click.echo(
-            f"last step  {s['steps']}, loss {_fmt(s['final_loss'])}, threshold {_fmt(s['final_threshold'])}, "
-            f"clipped {100 * s['clipped_fraction']:.1f}% of steps"
+            f"last step  {s['steps']}, loss {format_number(s['final_loss'])}, "
+            f"threshold {format_number(s['final_threshold'])}, clipped {100 * s['clipped_fraction']:.1f}% of steps"
         )
         click.echo(
-            f"dynamics   step size mean {_fmt(s['step_size_mean'])} (cv {_fmt(s['step_size_cv'])}), "
-            f"r(log grad norm, log smoothness) {_interval(s['r_value'], s['r_ci_low'], s['r_ci_high'])}"
+            f"dynamics   step size mean {format_number(s['step_size_mean'])} "
+            f"(cv {format_number(s['step_size_cv'])}), "
+            f"r(log grad norm, log smoothness) {format_interval(s['r_value'], s['r_ci_low'], s['r_ci_high'])}"
         )
     finals = final_eval(run) if not run.eval.empty else {}
     if finals:
-        values = ", ".join(f"{k[len('final_') :]} {_fmt(v)}" for k, v in finals.items())
+        values = ", ".join(f"{k[len('final_') :]} {format_number(v)}" for k, v in finals.items())
         click.echo(f"final eval {values} (step {int(run.eval.step.iloc[-1])})")
+    _print_findings(run)
+
+
+def _print_findings(run) -> None:
+    """The findings count of ``dyn diagnose`` and one line per kind (or why there are none to count)."""
+    from dynamics.diagnose import diagnose
+    from dynamics.errors import DynamicsError
+
+    try:
+        findings = diagnose(run)
+    except DynamicsError:
+        click.echo("findings   n/a (no every-step table to diagnose)")
+        return
+    click.echo(f"findings   {len(findings) or 'none'}{' (dyn diagnose for details)' if findings else ''}")
+    kinds: dict[str, list] = {}
+    for f in findings:
+        kinds.setdefault(f.kind, []).append(f)
+    for kind, items in kinds.items():
+        click.echo(f"  {kind:<21} {len(items)}, first at step {items[0].first_step}")
 
 
 def _task_line(config: dict) -> str:
     """The task in one line: its own description if it wrote one, else its settings."""
+    from dynamics.summary import format_number
+
     if config.get("task_description"):
         return str(config["task_description"])
     task = config["task"]
     if not isinstance(task, dict):
         return str(task)
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in task.items() if v is not None and not isinstance(v, (dict, list)))
+    return ", ".join(
+        f"{k}={format_number(v)}" for k, v in task.items() if v is not None and not isinstance(v, (dict, list))
+    )

@@ -205,6 +205,29 @@ def block_bootstrap_r(
     return r, float(low), float(high), block
 
 
+def moving_block_counts(n: int, block: int, n_resamples: int, seed: int = 0, chunk: int | None = None):
+    """The moving-block bootstrap's resamples of n rows as counts: yields (rows, n) arrays, row i's entry
+    j being how often resample i drew row j.
+
+    The scheme of ``block_bootstrap_r``: each resample joins ceil(n / block) blocks of ``block`` consecutive
+    rows started at uniform random rows (seeded), cut to n rows. A statistic that takes row weights (a
+    weighted fit) is computed on each resample from its counts without copying rows.
+    """
+    if int(block) != block or not 1 <= block <= n:
+        raise ValueError(f"block={block!r}: give a whole number of rows between 1 and {n}")
+    block = int(block)
+    k, m = -(-n // block), n - block + 1
+    rng = np.random.default_rng(seed)
+    chunk = chunk or max(1, 2_000_000 // max(n, 1))
+    offsets = np.arange(block)
+    for i in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - i)
+        starts = rng.integers(0, m, size=(size, k))
+        rows = (starts[:, :, None] + offsets).reshape(size, k * block)[:, :n]
+        rows += np.arange(size)[:, None] * n
+        yield np.bincount(rows.ravel(), minlength=size * n).reshape(size, n)
+
+
 def _moments(sums: np.ndarray, count: float):
     """Means, variances and r from sums (..., 5) of x, y, x^2, y^2, xy over ``count`` rows."""
     mx, my = sums[..., 0] / count, sums[..., 1] / count
@@ -346,9 +369,25 @@ def run_seed(config: dict[str, Any]) -> Any:
     return config.get("seed")
 
 
+def never_clips(clipper: Any) -> bool:
+    """Whether a clipper's config (config["clipper"]) means no clipping: none recorded, NoClip, or AutoClip
+    with p >= 100 (the paper's "no clipping" run: the 100th percentile never binds)."""
+    if not isinstance(clipper, dict) or clipper.get("kind") in (None, "NoClip"):
+        return True
+    if clipper.get("kind") != "AutoClip":
+        return False
+    try:
+        return float(clipper.get("p", 0)) >= 100
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class Group:
-    """Runs of one arm (the same config but for seed and bookkeeping), in the order given."""
+    """Runs of one arm (the same config but for seed and bookkeeping), in the order given.
+
+    A group is also the sequence of its runs (``len(group)``, ``group[0]``, ``for run in group``).
+    """
 
     name: str
     config: dict[str, Any]
@@ -357,6 +396,15 @@ class Group:
     @property
     def n_seeds(self) -> int:
         return len(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def __getitem__(self, index):
+        return self.runs[index]
 
 
 def _fmt_value(value: Any) -> str:
@@ -389,51 +437,91 @@ def clipper_label(clipper: Any) -> str:
     return f"{kind.lower()} {settings}".strip()
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level: {"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1} (empty dicts kept)."""
     out = {}
     for k, v in config.items():
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def _names(configs: list[dict[str, Any]]) -> list[str]:
-    """Labels that tell the arms apart: the clipper if it differs, then each setting that separates
-    arms not yet told apart, as short ``key=value`` parts."""
-    clippers = [clipper_label(c.get("clipper")) for c in configs]
-    if len(configs) == 1:
-        return clippers if "clipper" in configs[0] else ["all runs"]
-    flat = [_flatten(c) for c in configs]
+def _settings_apart(configs: list[dict[str, Any]], ties: list[list[str]]) -> list[list[str]]:
+    """For each config, the settings that tell it from the configs it is tied with (same ``ties`` entry):
+    each setting that varies, in config order, that still separates tied configs, as a short
+    ``key=value`` (the full key where two settings share the short one; ``no key`` where missing)."""
+    flat = [flatten_config(c) for c in configs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     varying = [k for k in keys if len({json.dumps(f.get(k, "<missing>"), default=str) for f in flat}) > 1]
     short = [k.rsplit(".", 1)[-1] for k in varying]
-    clipper_varies = any(k.startswith("clipper.") for k in varying)
-    parts: list[list[str]] = [[c] if clipper_varies else [] for c in clippers]
+    parts = [list(t) for t in ties]
+    settings: list[list[str]] = [[] for _ in configs]
     for key, s in zip(varying, short):
         label = key if short.count(s) > 1 else s
         fragments = [f"{label}={_fmt_value(f[key])}" if key in f else f"no {label}" for f in flat]
-        ties: dict[tuple, set] = {}
+        groups: dict[tuple, set] = {}
         for p, frag in zip(parts, fragments):
-            ties.setdefault(tuple(p), set()).add(frag)
-        if any(len(s) > 1 for s in ties.values()):
-            for p, frag in zip(parts, fragments):
+            groups.setdefault(tuple(p), set()).add(frag)
+        if any(len(g) > 1 for g in groups.values()):
+            for p, own, frag in zip(parts, settings, fragments):
                 p.append(frag)
-    names = [", ".join(p) or c for p, c in zip(parts, clippers)]
+                own.append(frag)
+    return settings
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Names made unique: equal ones (values equal once formatted, 10 and 10.0000001) get (1), (2), ..."""
     total = {name: names.count(name) for name in names}
     seen: dict[str, int] = {}
-    for i, name in enumerate(names):  # values equal once formatted (10 and 10.0000001)
+    out = []
+    for name in names:
         seen[name] = seen.get(name, 0) + 1
-        if total[name] > 1:
-            names[i] = f"{name} ({seen[name]})"
-    return names
+        out.append(f"{name} ({seen[name]})" if total[name] > 1 else name)
+    return out
 
 
-def group_runs(runs) -> list[Group]:
-    """Group runs into arms (configs equal but for seed and bookkeeping), in order of first appearance.
+def arm_names(groups: list[Group], labels: list[str] | None = None, run_names: bool = False) -> list[str]:
+    """Names that tell arms apart: the one labeller of tables and figure legends.
 
-    Raises ValueError when two runs of one arm recorded the same seed: they are not independent.
+    ``labels=None`` (tables, ``dyn compare --groups``, the study): the arm's clipper ("autoclip p=10"),
+    shown where clippers differ, then each setting that still separates arms, joined by ", "
+    ("autoclip p=10, loss=dc"; "loss=dc" when all arms share the clipper).
+
+    ``labels`` (legends): each arm's own label (say "With AutoClip, p = 10"); arms that share one get
+    what tells them apart in parentheses: the settings ("With AutoClip, p = 10 (loss=dc)") or, with
+    ``run_names``, for an arm of one run, its run name (a rerun drawn beside its original differs in
+    no setting).
+    """
+    configs = [g.config for g in groups]
+    if labels is None:
+        clippers = [clipper_label(c.get("clipper")) for c in configs]
+        if len(configs) == 1:
+            return clippers if "clipper" in configs[0] else ["all runs"]
+        flat_clippers = [json.dumps(c.get("clipper"), sort_keys=True, default=str) for c in configs]
+        clipper_varies = len(set(flat_clippers)) > 1
+        ties = [[c] if clipper_varies else [] for c in clippers]
+        apart = _settings_apart(configs, ties)
+        return _numbered([", ".join(t + a) or c for t, a, c in zip(ties, apart, clippers)])
+    apart = _settings_apart(configs, [[label] for label in labels])
+    names = []
+    for group, label, own in zip(groups, labels, apart):
+        if labels.count(label) == 1:
+            names.append(label)
+        elif run_names and len(group.runs) == 1:
+            names.append(f"{label} ({group.runs[0].name})")
+        else:
+            names.append(f"{label} ({', '.join(own)})" if own else label)
+    return _numbered(names)
+
+
+def group_runs(runs, distinct_seeds: bool = True) -> list[Group]:
+    """Group runs into arms (configs equal but for seed and bookkeeping), in order of first appearance;
+    each group is named by ``arm_names``.
+
+    ``distinct_seeds`` (statistics over seeds): raise ValueError when two runs of one arm recorded the
+    same seed, as they are not independent. Figures pass False: a rerun may be drawn beside its original.
     """
     groups: dict[str, Group] = {}
     for run in runs:
@@ -441,7 +529,7 @@ def group_runs(runs) -> list[Group]:
         key = json.dumps(arm, sort_keys=True, default=str)
         groups.setdefault(key, Group(name="", config=arm)).runs.append(run)
     out = list(groups.values())
-    for g in out:
+    for g in out if distinct_seeds else ():
         seeds = [run_seed(r.config) for r in g.runs]
         for i, s in enumerate(seeds):
             if s is not None and s in seeds[:i]:
@@ -450,6 +538,6 @@ def group_runs(runs) -> list[Group]:
                     f"{other.path} and {g.runs[i].path} are the same configuration with the same seed {s}: "
                     "give each seed of an arm once"
                 )
-    for g, name in zip(out, _names([g.config for g in out])):
+    for g, name in zip(out, arm_names(out)):
         g.name = name
     return out

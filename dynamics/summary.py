@@ -8,6 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from dynamics.analysis import (
+    CLIPPING_COLUMNS,
+    RELAXED_RESAMPLES,
+    RelaxedSmoothness,
+    clipping_summary,
+    relaxed_smoothness,
+)
 from dynamics.run import Run
 from dynamics.stats import (
     DEFAULT_RESAMPLES,
@@ -28,20 +35,65 @@ COLUMNS = (
     "r_value",
     "r_ci_low",
     "r_ci_high",
+    "l0",
+    "l1",
+    "l0_ci_low",
+    "l0_ci_high",
+    "l1_ci_low",
+    "l1_ci_high",
     "clipped_fraction",
+    *CLIPPING_COLUMNS,
     "final_threshold",
     "final_si_sdri",
 )
-# Per-run interval bounds are not averaged over seeds: an arm's r interval is the one over seeds.
-NOT_GROUPED = ("run", "r_ci_low", "r_ci_high")
+# Per-run interval bounds are not averaged over seeds: an arm's interval is the one over seeds.
+NOT_GROUPED = ("run", "r_ci_low", "r_ci_high", "l0_ci_low", "l0_ci_high", "l1_ci_low", "l1_ci_high")
+MISSING = "-"  # how a number that is not there (NaN) is written
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """The one way numbers are written for people: ``digits`` significant digits, "-" for NaN or None,
+    "inf" and "-inf"; anything that is not a float as ``str``."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        if math.isnan(value):
+            return MISSING
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_interval(mean: Any, low: Any, high: Any, digits: int = 4) -> str:
+    """ "mean [low, high]", or the mean alone where there is no interval (low is NaN or None)."""
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return format_number(mean, digits)
+    return f"{format_number(mean, digits)} [{format_number(low, digits)}, {format_number(high, digits)}]"
+
+
+def _columns(run: Run, *names: str) -> list[np.ndarray]:
+    """The metrics columns as float arrays; empty ones for a run that did not record a column."""
+    m = run.metrics
+    return [m[c].to_numpy(dtype=float) if c in m.columns else np.empty(0) for c in names]
 
 
 def log_pairs(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """Natural logs of (grad_norm, smoothness) over the recorded rows where both are positive and finite."""
-    g = run.metrics.grad_norm.to_numpy(dtype=float)
-    s = run.metrics.smoothness.to_numpy(dtype=float)
+    g, s = _columns(run, "grad_norm", "smoothness")
+    if len(g) != len(s):
+        return np.empty(0), np.empty(0)
     keep = np.isfinite(g) & np.isfinite(s) & (g > 0) & (s > 0)
     return np.log(g[keep]), np.log(s[keep])
+
+
+def relaxed_fit(run: Run, n_resamples: int = RELAXED_RESAMPLES) -> RelaxedSmoothness:
+    """L0, L1 of smoothness <= L0 + L1 * grad_norm over the run's recorded rows (median quantile
+    regression, moving-block bootstrap intervals; see dynamics.analysis.relaxed_smoothness)."""
+    g, s = _columns(run, "grad_norm", "smoothness")
+    if len(g) != len(s):
+        g, s = np.empty(0), np.empty(0)
+    return relaxed_smoothness(g, s, n_resamples=n_resamples)
 
 
 def r_value(run: Run) -> float:
@@ -93,6 +145,7 @@ def summarize(run: Run) -> dict[str, Any]:
     mean = float(np.mean(step_size)) if len(step_size) else math.nan
     cv = float(np.std(step_size) / mean) if len(step_size) and mean > 0 else math.nan
     low, high, _ = r_interval(run)
+    fit = relaxed_fit(run)
     finals = final_eval(run)
     row = {
         "run": run.name,
@@ -103,7 +156,14 @@ def summarize(run: Run) -> dict[str, Any]:
         "r_value": r_value(run),
         "r_ci_low": low,
         "r_ci_high": high,
+        "l0": fit.l0,
+        "l1": fit.l1,
+        "l0_ci_low": fit.l0_ci[0],
+        "l0_ci_high": fit.l0_ci[1],
+        "l1_ci_low": fit.l1_ci[0],
+        "l1_ci_high": fit.l1_ci[1],
         "clipped_fraction": float(steps.clipped.mean()) if n else math.nan,
+        **clipping_summary(steps),
         "final_threshold": final_threshold(run),
         "final_si_sdri": finals.pop("final_si_sdri", math.nan),
     }

@@ -1,9 +1,10 @@
 """Runs that differ only in seed (an "arm"), and the band drawn for an arm's mean curve.
 
-Grouping rule: two runs are the same arm when their configs are equal after removing the keys
-that say which copy a run is rather than what it is (seed, name, command, status, time, the
-number of steps done, versions and paths; and in config["task"] the device, how often it
-checkpoints and whether it records layers).
+Arms are ``dynamics.stats.group_runs``'s, the grouping ``dyn compare --groups`` and the study use:
+two runs are the same arm when their configs are equal after removing the keys that say which
+copy a run is rather than what it is (seed, name, command, status, time, the number of steps done,
+versions and paths; and in config["task"] the device, how often it checkpoints and whether it
+records layers). Each group is the sequence of its runs.
 """
 
 from __future__ import annotations
@@ -14,28 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from dynamics import stats
 from dynamics.run import Run
-from dynamics.stats import arm_config, mean_intervals, run_seed
+from dynamics.stats import Group, mean_intervals, run_seed
 from figures import style
 
 BAND = "95% CI"  # the t-interval of the mean over seeds, in legends
 
 
-def arm_key(config: dict[str, Any]) -> str:
-    """The config with seed, name and bookkeeping removed, as a canonical string."""
-    return json.dumps(arm_config(config), sort_keys=True, default=str)
-
-
-def group_runs(runs: list[Run]) -> list[list[Run]]:
-    """Runs grouped into arms (configs equal but for seed and bookkeeping), in order of first appearance.
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped into arms, in order of first appearance (``dynamics.stats.group_runs``).
 
     Unlike ``dyn compare --groups``, two runs of one seed may share an arm here (a rerun drawn
     beside its original): the legend then counts runs, not seeds.
     """
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(arm_key(run.config), []).append(run)
-    return list(groups.values())
+    return stats.group_runs(runs, distinct_seeds=False)
 
 
 def seed_of(run: Run) -> Any:
@@ -43,34 +37,11 @@ def seed_of(run: Run) -> Any:
     return run_seed(run.config)
 
 
-def _flat(config: Any, prefix: str = "") -> dict[str, str]:
-    if not isinstance(config, dict):
-        return {prefix: json.dumps(config, sort_keys=True, default=str)}
-    out = {}
-    for k, v in config.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def arm_labels(groups: list[list[Run]]) -> list[str]:
-    """One legend label per arm: the clipper's label; arms that would share one get what tells them apart
-    (the run name for a single run, the differing settings for several seeds)."""
-    if all(len(g) == 1 for g in groups):
-        return style.unique_labels([g[0] for g in groups])
-    base = [style.label(g[0]) for g in groups]
-    flats = [_flat(arm_config(g[0].config)) for g in groups]
-    out = []
-    for i, (lab, group) in enumerate(zip(base, groups)):
-        rivals = [j for j, other in enumerate(base) if other == lab and j != i]
-        if not rivals:
-            out.append(lab)
-        elif len(group) == 1:
-            out.append(f"{lab} ({group[0].name})")
-        else:
-            keys = sorted(k for k in flats[i] if any(flats[j].get(k) != flats[i][k] for j in rivals))
-            parts = [f"{k}={flats[i][k]}" for k in keys[:2]]
-            out.append(f"{lab} ({', '.join(parts) if parts else group[0].name})")
-    return out
+def arm_labels(groups: list[Group]) -> list[str]:
+    """One legend label per arm: the paper's label for its clipper; arms that would share one get what tells
+    them apart (the run name for a single run, the differing settings for several seeds), by
+    ``dynamics.stats.arm_names``."""
+    return stats.arm_names(groups, labels=[style.label(g[0]) for g in groups], run_names=True)
 
 
 def seeds_note(group: list[Run]) -> str:

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamics.run import Run
-from dynamics.stats import difference_interval, group_runs, mean_interval
-from dynamics.summary import r_block, summarize
+from dynamics.stats import difference_interval, group_runs, mean_interval, never_clips
+from dynamics.summary import format_interval, format_number, r_block, summarize
 
 README_BEGIN = "<!-- study:begin (written by dyn study; do not edit) -->"
 README_END = "<!-- study:end -->"
+DIGITS = 3  # significant digits of the numbers in the document
 
 
 @dataclass(frozen=True)
@@ -52,28 +53,11 @@ def _arms(runs: list[Run]):
     groups = group_runs(runs)
     if len(groups) != 2:
         raise ValueError(f"the study compares two arms (runs differing only in seed), got {len(groups)}")
-
-    def never_clips(group) -> bool:
-        clipper = group.runs[0].config.get("clipper", {})
-        return clipper.get("kind") == "NoClip" or (clipper.get("kind") == "AutoClip" and clipper.get("p") == 100)
-
-    plain = [g for g in groups if never_clips(g)]
+    plain = [g for g in groups if never_clips(g.config.get("clipper"))]
     if len(plain) != 1:
         raise ValueError("the study needs one arm that never clips (p=100 or no clipping) and one that clips")
     clipped = groups[0] if plain[0] is groups[1] else groups[1]
     return clipped, plain[0]
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    if not math.isfinite(value):
-        return "–"
-    return f"{value:.{digits}g}"
-
-
-def _interval(mean: float, low: float, high: float) -> str:
-    if not math.isfinite(low):
-        return _fmt(mean)
-    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
 
 
 def regime(run: Run) -> dict[str, float | str]:
@@ -124,8 +108,8 @@ def study(runs: list[Run], figure: str | None = None) -> tuple[str, str]:
         v = verdict(diff[1], diff[2], c.better)
         verdicts.append((c, diff, v))
         lines.append(
-            f"| {c.text} ({c.better} is the paper's side) | {c.paper} | {_interval(*ma)} | {_interval(*mb)} | "
-            f"{_interval(*diff)} | **{v}** |"
+            f"| {c.text} ({c.better} is the paper's side) | {c.paper} | {format_interval(*ma, DIGITS)} | "
+            f"{format_interval(*mb, DIGITS)} | {format_interval(*diff, DIGITS)} | **{v}** |"
         )
     lines += ["", "Per run (r with its 95% studentized moving-block bootstrap interval over the record rows):", ""]
     lines += [
@@ -135,10 +119,11 @@ def study(runs: list[Run], figure: str | None = None) -> tuple[str, str]:
     for group in (clipped, plain):
         for r in group.runs:
             s = rows[id(r)]
+            r_cell = format_interval(s["r_value"], s["r_ci_low"], s["r_ci_high"], DIGITS)
             lines.append(
-                f"| {r.name} | {group.name} | {_fmt(s['step_size_cv'])} | {_fmt(s['final_loss'])} | "
-                f"{_interval(s['r_value'], s['r_ci_low'], s['r_ci_high'])} | {r_block(r)} | "
-                f"{_fmt(s['final_si_sdri'])} |"
+                f"| {r.name} | {group.name} | {format_number(s['step_size_cv'], DIGITS)} | "
+                f"{format_number(s['final_loss'], DIGITS)} | {r_cell} | {r_block(r)} | "
+                f"{format_number(s['final_si_sdri'], DIGITS)} |"
             )
     if figure:
         lines += ["", f"![Fig. 1 of the study: mean over seeds with bands, pooled hexbins]({figure})"]
@@ -153,7 +138,7 @@ def study(runs: list[Run], figure: str | None = None) -> tuple[str, str]:
         f"{clipped.n_seeds} + {plain.n_seeds} seeds; AutoClip minus no clipping, 95% interval:",
         "",
     ]
-    summary += [f"- {c.text}: {_interval(*diff)}: **{v}**" for c, diff, v in verdicts]
+    summary += [f"- {c.text}: {format_interval(*diff, DIGITS)}: **{v}**" for c, diff, v in verdicts]
     return "\n".join(lines), "\n".join(summary)
 
 

@@ -281,3 +281,36 @@ def test_names_equal_once_formatted_are_told_apart():
 def test_a_seed_given_twice_in_one_arm_is_an_error():
     with pytest.raises(ValueError, match="same seed 1"):
         group_runs([fake_run("a", 1), fake_run("b", 2), fake_run("c", 1)])
+
+
+def test_never_clips_is_one_rule():
+    from dynamics.stats import never_clips
+
+    for clipper in (None, {}, {"kind": "NoClip"}, {"kind": "AutoClip", "p": 100}, {"kind": "AutoClip", "p": 100.0}):
+        assert never_clips(clipper), clipper
+    for clipper in ({"kind": "AutoClip", "p": 10.0}, {"kind": "ClipNorm", "max_norm": 1.0}, {"kind": "ClipValue"}):
+        assert not never_clips(clipper), clipper
+
+
+def test_figures_group_with_the_same_function_but_allow_a_rerun():
+    from figures.groups import group_runs as figure_groups
+
+    runs = [fake_run("a", 1), fake_run("n", 1, kind="NoClip"), fake_run("b", 2), fake_run("c", 1)]
+    groups = figure_groups(runs)  # "c" repeats seed 1 of its arm: drawn, not refused
+    assert [[r.name for r in g] for g in groups] == [["a", "b", "c"], ["n"]]
+    assert [len(g) for g in groups] == [3, 1] and groups[0][0] is runs[0]
+    with pytest.raises(ValueError, match="same seed 1"):
+        group_runs(runs)
+
+
+def test_legend_labels_come_from_the_same_labeller():
+    from dynamics.stats import arm_names
+
+    runs = [fake_run("dc", 0, loss="dc"), fake_run("mi0", 0), fake_run("mi1", 1), fake_run("n", 0, kind="NoClip")]
+    groups = group_runs(runs)
+    labels = ["AutoClip", "AutoClip", "No clipping"]
+    # arms sharing a legend label get the setting that tells them apart, as the table names do
+    assert arm_names(groups, labels) == ["AutoClip (loss=dc)", "AutoClip (loss=mi)", "No clipping"]
+    assert [g.name for g in groups] == ["autoclip p=10, loss=dc", "autoclip p=10, loss=mi", "none, loss=mi"]
+    # an arm of one run sharing its label is named by its run (a rerun differs in no setting)
+    assert arm_names(groups, labels, run_names=True) == ["AutoClip (dc)", "AutoClip (loss=mi)", "No clipping"]

@@ -97,3 +97,17 @@ def test_study_needs_two_arms(sweep, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "two arms" in result.stderr
     assert not (tmp_path / "s.md").exists()
     assert re.search(r"error: .*two arms", result.stderr)
+
+
+def test_the_arm_without_clipping_may_be_noclip(sweep):
+    """One rule (dynamics.stats.never_clips) picks the unclipped arm: NoClip as well as p = 100."""
+    from dynamics.run import load_run
+    from figures.study import study
+
+    root, _ = sweep
+    runs = [load_run(p) for p in sorted(root.iterdir()) if p.is_dir()]
+    for run in runs:
+        if run.config["clipper"]["p"] == 100:
+            run.config["clipper"] = {"kind": "NoClip", "nonfinite": "error"}
+    document, _ = study(runs)
+    assert "Arms: **autoclip p=10** (3 seeds) and **none** (3 seeds)." in document
