@@ -114,9 +114,6 @@ def compare(run_dirs, as_json, as_csv, groups, out):
         print_table(rows, columns)
     click.echo(GROUPS_NOTE if groups else _r_note(runs), err=True)
     if out is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         from figures.compare import comparison_figure
 
         save_figure(comparison_figure(runs), out)

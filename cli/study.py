@@ -44,9 +44,6 @@ def study(run_dirs, out, readme):
     if readme is not None and not readme.is_file():
         fail(f"--readme {readme}: no such file")
     runs = plottable_runs(expand(run_dirs))
-    import matplotlib
-
-    matplotlib.use("Agg")
     from figures.study import write_study
 
     try:

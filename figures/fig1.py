@@ -124,8 +124,9 @@ def fig1(runs: list[Run], gridsize: int = 30, max_columns: int = 3):
         fig = fig1([load_run("runs/noclip"), load_run("runs/autoclip-p10")])
         fig.savefig("fig1.png")
     """
-    import matplotlib.pyplot as plt
     import seaborn as sns
+
+    plt = style.pyplot()
 
     if not runs:
         raise ValueError("fig1 needs at least one run")
