@@ -38,6 +38,7 @@ demo: setup
 	$(VENV)/bin/dyn compare $(DEMO)/autoclip-p10 $(DEMO)/p100 --csv > docs/demo.csv.tmp && mv docs/demo.csv.tmp docs/demo.csv
 	$(VENV)/bin/dyn plot $(DEMO)/p100 $(DEMO)/autoclip-p10 --out docs/fig1.png
 	$(VENV)/bin/dyn animate $(DEMO)/autoclip-p10 --out docs/threshold.gif
+	$(VENV)/bin/dyn report $(DEMO)/autoclip-p10 $(DEMO)/p100 --out docs/report.html
 
 test: setup
 	$(PY) -m pytest -q

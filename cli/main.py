@@ -5,9 +5,12 @@ from __future__ import annotations
 import click
 
 from cli.compare import compare, info
+from cli.diagnose import diagnose
 from cli.errors import run_group
+from cli.export import export
 from cli.plot import animate, plot
 from cli.record import record
+from cli.report import ls, report, serve
 from cli.study import study
 from cli.sweep import sweep
 
@@ -25,6 +28,11 @@ dyn.add_command(plot)
 dyn.add_command(animate)
 dyn.add_command(sweep)
 dyn.add_command(study)
+dyn.add_command(export)
+dyn.add_command(report)
+dyn.add_command(serve)
+dyn.add_command(ls)
+dyn.add_command(diagnose)
 
 
 def main() -> None:
