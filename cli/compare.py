@@ -66,7 +66,7 @@ def compare(run_dirs, as_json, as_csv, groups, out):
     One row per run: run, steps, final_loss, step_size_mean, step_size_cv, r_value, r_ci_low,
     r_ci_high, l0, l1, l0_ci_low, l0_ci_high, l1_ci_low, l1_ci_high, clipped_fraction, clip_rate,
     clip_rate_last10, mean_clip_coef, mean_clip_coef_last10, lr_scale, lr_scale_last10,
-    final_threshold, final_si_sdri, then final_<column> for every other column of the runs' eval
+    final_threshold, then final_<column> for every column of the runs' eval
     tables (empty/null where a run has none). r_ci_low and r_ci_high: a 95% interval of r_value
     from a studentized moving-block bootstrap over the recorded rows (bootstrap-t on Fisher's z;
     2000 resamples, seeded, so reruns print the same numbers; block length by Politis and White's

@@ -259,7 +259,9 @@ def _studentized(x, y, r: float, block: int, n_resamples: int, level: float, see
     # the series' standard error of r: Kunsch's estimate from all overlapping blocks
     psi = _influence_sums(full, block, *_moments(prefix[-1], n))
     se_r = math.sqrt(float(np.mean(psi * psi)) / block / n)
-    z, se = math.atanh(min(max(r, -1 + 1e-12), 1 - 1e-12)), se_r / (1 - r * r)
+    if abs(r) >= 1:
+        return r, r  # a perfect line: every resample gives the same r
+    z, se = math.atanh(r), se_r / (1 - r * r)
     if not se > 0:
         return r, r  # every block is the whole series: no spread to resample
     rng = np.random.default_rng(seed)

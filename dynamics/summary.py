@@ -3,6 +3,7 @@ row per arm (runs that differ only in seed) with intervals over seeds."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -25,7 +26,7 @@ from dynamics.stats import (
     r_block_length,
 )
 
-# A run's row: these, then final_<column> for every other column of its eval table.
+# A run's row: these, then final_<column> for every column of its eval table (final_si_sdri for the built-in task).
 COLUMNS = (
     "run",
     "steps",
@@ -44,7 +45,6 @@ COLUMNS = (
     "clipped_fraction",
     *CLIPPING_COLUMNS,
     "final_threshold",
-    "final_si_sdri",
 )
 # Per-run interval bounds are not averaged over seeds: an arm's interval is the one over seeds.
 NOT_GROUPED = ("run", "r_ci_low", "r_ci_high", "l0_ci_low", "l0_ci_high", "l1_ci_low", "l1_ci_high")
@@ -136,8 +136,23 @@ def final_eval(run: Run) -> dict[str, float]:
     return out
 
 
+# columns a summary reads; a run recorded elsewhere (save_run) may lack some: they count as not measured
+_METRICS_READ = ("step_size", "grad_norm", "smoothness", "threshold")
+_STEPS_READ = ("loss", "grad_norm", "threshold")
+
+
+def _complete(run: Run) -> Run:
+    """``run`` with every column a summary reads: a missing one is NaN (never clipped, for ``clipped``)."""
+    metrics = run.metrics.assign(**{c: math.nan for c in _METRICS_READ if c not in run.metrics.columns})
+    steps = run.steps.assign(**{c: math.nan for c in _STEPS_READ if c not in run.steps.columns})
+    if "clipped" not in steps.columns:
+        steps = steps.assign(clipped=False)
+    return dataclasses.replace(run, metrics=metrics, steps=steps)
+
+
 def summarize(run: Run) -> dict[str, Any]:
     """One row of `dyn compare`: COLUMNS, then final_<column> for each other eval column."""
+    run = _complete(run)
     steps = run.steps
     n = len(steps)
     tail = steps.loss.iloc[-max(1, n // 20) :] if n else steps.loss
@@ -165,9 +180,10 @@ def summarize(run: Run) -> dict[str, Any]:
         "clipped_fraction": float(steps.clipped.mean()) if n else math.nan,
         **clipping_summary(steps),
         "final_threshold": final_threshold(run),
-        "final_si_sdri": finals.pop("final_si_sdri", math.nan),
     }
-    row.update(finals)
+    if "final_si_sdri" in finals:  # the built-in task's headline first
+        row["final_si_sdri"] = finals.pop("final_si_sdri")
+    row.update(finals)  # the task's evaluation columns, only where the run has them
     return row
 
 
