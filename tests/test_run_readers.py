@@ -85,3 +85,21 @@ def test_the_cli_readers_answer_damage_with_one_line_and_exit_2(tmp_path, kind, 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "f.png").exists()
+
+
+def test_compare_of_a_run_recorded_elsewhere_without_most_columns_is_nan_not_a_traceback(tmp_path):
+    save_run(tmp_path / "run", {}, metrics=pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.5, 0.2]}))
+    result = dyn("compare", str(tmp_path / "run"), "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["r_value"] is None and row["step_size_mean"] is None and "final_si_sdri" not in row
+
+
+def test_the_r_interval_of_a_perfect_line_is_the_line_not_a_division_by_zero(tmp_path):
+    g = np.linspace(1.0, 2.0, 50)
+    frame = pd.DataFrame({"step": np.arange(1, 51), "loss": g, "grad_norm": g, "smoothness": 2 * g, "step_size": g})
+    save_run(tmp_path / "run", {}, metrics=frame)
+    result = dyn("compare", str(tmp_path / "run"), "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["r_value"] == pytest.approx(1.0) and row["r_ci_low"] == row["r_ci_high"] == pytest.approx(1.0)
