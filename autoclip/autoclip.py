@@ -273,7 +273,10 @@ class AutoClip(Clipper):
                 f"(per_group={self.per_group}, {len(self.groups)} groups): build it with the same parameter groups"
             )
         for k, values in enumerate(histories):
-            values = torch.as_tensor(values, dtype=torch.float64)
+            try:
+                values = torch.as_tensor(values, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"AutoClip state_dict: history {k} must be a 1-D list of finite norms >= 0") from None
             if values.dim() != 1 or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
                 raise ValueError(f"AutoClip state_dict: history {k} must be a 1-D list of finite norms >= 0")
             if self.window is not None and len(values) > self.window:

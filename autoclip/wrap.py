@@ -54,6 +54,14 @@ class ClippedOptimizer(Optimizer):
                 f"wrap(optimizer, clipper): clipper must be an autoclip clipper (AutoClip, ClipNorm, ...), "
                 f"not {_kind(clipper)}"
             )
+        inner = optimizer
+        while isinstance(inner, ClippedOptimizer):
+            if inner.clipper is clipper:
+                raise ValueError(
+                    "wrap(optimizer, clipper): the optimizer is wrapped with this clipper already, so every step "
+                    "would clip (and count in its history) twice: wrap the plain optimizer once"
+                )
+            inner = inner.optimizer
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         strangers = sum(id(p) not in optimized for group in clipper.groups for p in group)
         if strangers:

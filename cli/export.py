@@ -278,7 +278,7 @@ def _check_dir(out: Path) -> None:
 @click.option(
     "--tensorboard",
     "tensorboard_dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a str: an empty one is refused (as a Path it would be ".")
     default=None,
     metavar="DIR",
     help="Write TensorBoard event files: DIR/<run name>/, one per run.",
@@ -292,6 +292,9 @@ def export(run_dirs, tensorboard_dir):
     """
     if tensorboard_dir is None:
         fail("choose what to export to: --tensorboard DIR")
+    if not tensorboard_dir:
+        fail("--tensorboard '': name a folder, e.g. --tensorboard tb")
+    tensorboard_dir = Path(tensorboard_dir)
     if not run_dirs:
         fail("give at least one RUN_DIR, e.g. dyn export runs/autoclip-p10 --tensorboard tb")
     unique = list({Path(d).absolute(): d for d in run_dirs}.values())  # a run named twice is exported once

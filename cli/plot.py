@@ -11,6 +11,7 @@ from cli.common import check_figure_path, environment_failure_at, plottable_runs
 from cli.errors import fail
 
 AUTO = "\0auto"  # --layers given without a column
+FIG1_COLUMNS = ("step_size", "loss", "grad_norm", "smoothness")  # what Fig. 1's panels draw
 
 
 @click.command("plot")
@@ -83,6 +84,13 @@ def plot(run_dirs, out, layers, depth, match, columns):
         if not wanted:
             fail("--columns: name at least one metrics column, e.g. --columns sharpness,step_size")
     runs = plottable_runs(run_dirs)
+    if layers is None and wanted is None:
+        for run in runs:
+            if not any(c in run.metrics.columns for c in FIG1_COLUMNS):
+                fail(
+                    f"{run.path}: its metrics table has none of the columns Fig. 1 draws ({', '.join(FIG1_COLUMNS)}); "
+                    "draw its own columns with --columns"
+                )
     if wanted is not None:
         from figures.columns import check_columns
 

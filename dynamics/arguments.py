@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autoclip import Clipper, NoClip
+from autoclip import ClippedOptimizer, Clipper, NoClip
 from dynamics import checks
 from dynamics.errors import ArgumentTypeError, DynamicsError
 from dynamics.quantities import ARROW_TYPES, Quantity
@@ -75,8 +76,25 @@ def check_clipper(
     return clipper
 
 
-def check_quantities(quantities: list[Any], every: int) -> list[Quantity]:
-    """Quantities with unique names, schedules on record steps, and new, well-typed columns."""
+def check_unwrapped(optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer from ``autoclip.wrap()`` clips inside its step(), where the Recorder cannot see it: the
+    rows would say nothing clipped (or, with another clipper=, every step would be clipped twice)."""
+    if isinstance(optimizer, ClippedOptimizer):
+        raise DynamicsError(
+            "the optimizer from autoclip.wrap() clips inside step(), out of the Recorder's sight (its rows would "
+            "report no clipping, or a second clipper would clip again): give the Recorder wrapped.optimizer with "
+            "clipper=wrapped.clipper, and step wrapped.optimizer in your loop (with a Trainer: return the plain "
+            "optimizer and add AutoClipCallback)"
+        )
+
+
+def check_quantities(quantities: Any, every: int) -> list[Quantity]:
+    """Quantities (a list) with unique names, schedules on record steps, and new, well-typed columns."""
+    if isinstance(quantities, Quantity) or not isinstance(quantities, (list, tuple)):
+        raise ArgumentTypeError(
+            f"quantities must be a list of Quantity objects, e.g. [*Recorder.default_quantities(), Sharpness()], "
+            f"got {type(quantities).__name__}"
+        )
     taken = {"metrics": {n for n, _ in METRICS_BASE + METRICS_LAST}, "layers": {"step", "name"}}
     names = set()
     for q in quantities:
@@ -120,27 +138,62 @@ def check_loggers(loggers: Any) -> list[Logger]:
     return list(loggers)
 
 
+def _segment_name(name: Any) -> bool:
+    """A file name of the journal folder (never a path leading elsewhere)."""
+    return isinstance(name, str) and name.endswith(".arrows") and Path(name).name == name and name[0] != "."
+
+
+def _whole(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
 def check_state(state: Any, run_dir: Path, config: dict[str, Any], every: int) -> None:
-    """A Recorder state to resume from: complete, of this dyn or older, of this run and of this schedule."""
+    """A Recorder state to resume from: complete, well-typed, of this dyn or older, of this run and schedule.
+
+    Everything is checked before anything changes, so a refused state cuts no row.
+    """
     if not isinstance(state, dict):
         raise ArgumentTypeError(f"a Recorder state must be the dict state_dict() returns, got {type(state).__name__}")
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise DynamicsError(f"the Recorder state lacks {missing}: pass what Recorder.state_dict() returned")
     version = state.get("version", 1)
-    if not isinstance(version, int) or version > STATE_VERSION:
+    if not _whole(version):
+        raise DynamicsError(f"the Recorder state's version must be an integer, got {version!r}: pass a state_dict()")
+    if version > STATE_VERSION:
         raise DynamicsError(
             f"the Recorder state is of version {version!r}, newer than this dyn reads ({STATE_VERSION}): upgrade dyn"
         )
     for key in ("t", "epoch"):
-        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+        if not _whole(state[key]):
             raise DynamicsError(f"the Recorder state's {key} must be an integer >= 0, got {state[key]!r}")
-    if not isinstance(state["journal"], dict):
+    journal = state["journal"]
+    if not isinstance(journal, dict):
         raise DynamicsError("the Recorder state's journal sizes are not a dict: pass a state from state_dict()")
+    for name, size in journal.items():
+        if not _segment_name(name) or not _whole(size):
+            raise DynamicsError(
+                f"the Recorder state's journal sizes must map segment names to byte counts, got {name!r}: {size!r}"
+            )
+    time_s = state["time_s"]
+    if isinstance(time_s, bool) or not isinstance(time_s, (int, float)) or not math.isfinite(time_s) or time_s < 0:
+        raise DynamicsError(f"the Recorder state's time_s must be a number of seconds >= 0, got {time_s!r}")
+    if not isinstance(state.get("quantities", {}), dict) or not all(
+        isinstance(q, dict) for q in state.get("quantities", {}).values()
+    ):
+        raise DynamicsError("the Recorder state's quantities must map each quantity's name to its state_dict()")
+    clip_count = state.get("clip_count", [0, 0])
+    if not (isinstance(clip_count, (list, tuple)) and len(clip_count) == 2 and all(_whole(c) for c in clip_count)):
+        raise DynamicsError(f"the Recorder state's clip_count must be two integers >= 0, got {clip_count!r}")
+    last_eval = state.get("last_eval_step")
+    if last_eval is not None and not _whole(last_eval):
+        raise DynamicsError(f"the Recorder state's last_eval_step must be a step or None, got {last_eval!r}")
     run_id = state.get("run_id")
     if run_id is not None and config.get("run_id") not in (None, run_id):
         raise RunError(f"{run_dir}: the checkpoint belongs to another run (run id {run_id})")
     recorded = state.get("every", config.get("every", every))
+    if not _whole(recorded):
+        raise DynamicsError(f"the Recorder state's every must be a positive integer, got {recorded!r}")
     if recorded != every:
         raise RunError(
             f"{run_dir}: the state was recorded every {recorded} steps; resume with every={recorded}, "

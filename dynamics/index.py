@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from dynamics import journal
-from dynamics.run import Run, RunError, load_run, read_config
+from dynamics.run import Run, RunError, load_run, path_argument, read_config
 from dynamics.stats import clipper_label
 
 STATUSES = ("running", "finished", "interrupted", "damaged")
@@ -297,7 +297,7 @@ def _damaged(run_dir: Path, name: str, error: Exception | None = None) -> RunInf
 
 
 def _check_root(root: str | os.PathLike) -> Path:
-    root = Path(root)
+    root = path_argument(root, "root")
     if not root.exists():
         raise RunError(f"{root}: no such folder")
     if not root.is_dir():

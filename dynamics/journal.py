@@ -145,12 +145,15 @@ def check(directory: Path, recorded: dict[str, int], verify: bool = True) -> str
             continue
         with open(path, "rb") as f:
             prefix = f.read(size)
+        source = pa.BufferReader(prefix)
         try:
-            reader = pa.ipc.open_stream(pa.BufferReader(prefix))
+            reader = pa.ipc.open_stream(source)
             for _ in reader:
                 pass
         except (pa.ArrowException, OSError, ValueError):
             return f"journal segment {name} is damaged"
+        if source.tell() != size:  # the stream ended early: zeros where rows were (a file cut under its writer)
+            return f"journal segment {name} is damaged (its rows end at byte {source.tell()} of {size})"
     return None
 
 

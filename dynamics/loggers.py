@@ -71,13 +71,19 @@ def tensorboard(log_dir: str | os.PathLike | Any) -> TensorBoardLogger:
     """
     if hasattr(log_dir, "add_scalar") and hasattr(log_dir, "flush"):
         return TensorBoardLogger(log_dir, owned=False)
-    if not isinstance(log_dir, (str, os.PathLike)):
-        raise DynamicsError(f"log_dir must be a folder path or a SummaryWriter, got {type(log_dir).__name__}")
+    if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
+        raise DynamicsError(
+            f"log_dir must be a folder path or a SummaryWriter, got {type(log_dir).__name__} {log_dir!r}"
+        )
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise _missing("tensorboard", e) from None
-    return TensorBoardLogger(SummaryWriter(log_dir=os.fspath(log_dir)), owned=True)
+    try:
+        writer = SummaryWriter(log_dir=os.fspath(log_dir))
+    except OSError as e:  # a file where the folder should be, or a folder no one may write
+        raise DynamicsError(f"cannot write TensorBoard files into {log_dir}: {e.strerror or e}") from None
+    return TensorBoardLogger(writer, owned=True)
 
 
 class WandbLogger:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dynamics.checkpoint import set_rng_state
+from dynamics.errors import DynamicsError
 
 
 class Probe:
@@ -52,9 +53,24 @@ class Probe:
                     p.copy_(value)
                     p.grad = g
 
+    def loss(self) -> Tensor:
+        """The closure's loss (call with gradients enabled), checked: one number with a graph to back-propagate."""
+        loss = self.closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            got = (
+                f"a tensor of shape {tuple(loss.shape)}{'' if loss.requires_grad else ' without a graph'}"
+                if isinstance(loss, Tensor)
+                else type(loss).__name__
+            )
+            raise DynamicsError(
+                f"the step's closure (closure= of Recorder.end, or Recorder.step's) must return the loss as a "
+                f"one-number tensor computed from the model, with gradients enabled, got {got}"
+            )
+        return loss
+
     def grads(self, theta: list[Tensor]) -> list[Tensor]:
         """The gradient at ``theta``, through ``backward()`` (so averaged over ranks under DDP/FSDP)."""
         with self.at(theta):
             with torch.enable_grad():
-                self.closure().backward()
+                self.loss().backward()
             return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]

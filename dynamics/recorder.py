@@ -8,6 +8,7 @@ A record step is measure -> one host transfer -> write rows (and hand the row to
 from __future__ import annotations
 
 import math
+import numbers
 import platform
 import sys
 import threading
@@ -136,8 +137,9 @@ class Recorder:
         self.params = [p for _, p in named]
         arguments.check_optimizer(optimizer, self.params)
         self.clipper = arguments.check_clipper(clipper, self.module, self.params, optimizer)
+        arguments.check_unwrapped(optimizer)
         self.quantities = arguments.check_quantities(
-            list(quantities) if quantities is not None else self.default_quantities(layers=layers), self.every
+            quantities if quantities is not None else self.default_quantities(layers=layers), self.every
         )
         self.loggers = arguments.check_loggers(loggers)
         self.schemas = schemas(
@@ -163,13 +165,21 @@ class Recorder:
         setup = SetupContext(self.model, optimizer, self.names, self.params)
         for q in self.quantities:
             q.setup(setup)
-        if resume is True:
-            self.config = self._resume()
-        elif isinstance(resume, dict):
-            self.config = self._on_rank0(self._attach)
-            self.load_state_dict(resume)
-        else:
-            self.config = self._on_rank0(lambda: self._create(config or {}, overwrite))
+        self.config: dict[str, Any] = {}
+        try:
+            if resume is True:
+                self.config = self._resume()
+            elif isinstance(resume, dict):
+                self.config = self._on_rank0(self._attach)
+                self.load_state_dict(resume)
+            else:
+                self.config = self._on_rank0(lambda: self._create(config or {}, overwrite))
+        except BaseException:
+            # a refused start holds nothing: the run stays free for the next try (in this process too)
+            self._closed = True
+            if self.run is not None:
+                self.run.release()
+            raise
         self._start = time.perf_counter()
 
     @staticmethod
@@ -254,10 +264,23 @@ class Recorder:
         # rank 0 checks the file and shares only the verdict; every rank then holds its own copy
         self._on_rank0(lambda: loaded.update(_readable_checkpoint(path)))
         state = loaded or load_checkpoint(path, map_location="cpu")
-        distributed.load_state_dicts(self.module, self.optimizer, state["model"], state["optimizer"])
         self.config = config
+        try:
+            arguments.check_state(state, self.run_dir, config, self.every)  # before anything is loaded
+        except RunError:
+            raise
+        except DynamicsError as e:  # the file's fault, not the caller's: a run error, as for a damaged file
+            raise RunError(f"{path}: {e}") from None
+        try:
+            distributed.load_state_dicts(self.module, self.optimizer, state["model"], state["optimizer"])
+            set_rng_state(state["rng"][self.rank], self.device)
+        except Exception as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else ""
+            raise RunError(
+                f"{path} does not fit this model and optimizer ({type(e).__name__}: {reason}): resume with the "
+                "model and optimizer the run was recorded with"
+            ) from None
         self.load_state_dict(state)
-        set_rng_state(state["rng"][self.rank], self.device)
         self.resumed = state["extra"]
         return config
 
@@ -267,8 +290,12 @@ class Recorder:
         """Step, epoch, elapsed time, journal sizes, clipper and quantity state: put it in your checkpoint.
 
         Pending rows are flushed and the journal made durable first, so the sizes it records
-        are on disk. Call it on every rank (it averages the pending losses over ranks).
+        are on disk. Call it on every rank (it averages the pending losses over ranks), between
+        steps, while the Recorder is open (``release()`` returns the last one).
         """
+        self._check_open()
+        if self._phase is not None:
+            raise CallOrderError("state_dict() in the middle of a step: call it after end(), between steps")
         self._flush_steps()
         sizes = self._on_rank0(lambda: self.run.sizes())
         return {
@@ -291,11 +318,30 @@ class Recorder:
         The state is checked before anything is cut: a state of another run, of another schedule,
         from a newer dyn, or a journal shorter than the state says (rows lost) is refused.
         """
+        self._check_open()
         if self._phase is not None:
             raise CallOrderError("load_state_dict() in the middle of a step: call it between end() and begin()")
         arguments.check_state(state, self.run_dir, self.config, self.every)
-        self._on_rank0(lambda: self.run.rewind(state["journal"]))
+        # the clipper and quantities load first, and go back as they were if anything is refused: a refused
+        # state cuts no journal row
+        saved = self.clipper.state_dict(), {q.name: q.state_dict() for q in self.quantities}
+        try:
+            self._load_states(state)
+            self._on_rank0(lambda: self.run.rewind(state["journal"]))
+        except BaseException:
+            self.clipper.load_state_dict(saved[0])
+            for q in self.quantities:
+                q.load_state_dict(saved[1][q.name])
+            raise
         self._flush_steps(discard=True)
+        self.t, self.epoch = int(state["t"]), int(state["epoch"])
+        self.last_eval_step = state.get("last_eval_step")
+        clipped, steps = state.get("clip_count", [0, 0])
+        self._clipped_since, self._steps_since = int(clipped), int(steps)
+        self._time_offset = float(state["time_s"])
+        self._start = time.perf_counter()
+
+    def _load_states(self, state: dict[str, Any]) -> None:
         try:
             self.clipper.load_state_dict(state["clipper"])
         except (KeyError, TypeError, ValueError) as e:
@@ -309,12 +355,6 @@ class Recorder:
                         f"quantity {q.name!r} could not load its state ({type(e).__name__}: {e}): "
                         "pass a state saved by the same quantities"
                     ) from None
-        self.t, self.epoch = int(state["t"]), int(state["epoch"])
-        self.last_eval_step = state.get("last_eval_step")
-        clipped, steps = state.get("clip_count", [0, 0])
-        self._clipped_since, self._steps_since = int(clipped), int(steps)
-        self._time_offset = float(state["time_s"])
-        self._start = time.perf_counter()
 
     # -- training ----------------------------------------------------------------------------
 
@@ -358,11 +398,11 @@ class Recorder:
         quantity due, it does nothing.
         """
         self._check_open()
+        self._check_thread()
         if self._phase != "begun":
             raise CallOrderError(
                 "micro_batch() goes after a micro-batch's backward, between begin() and after_backward()"
             )
-        self._check_thread()
         if self._state.record and any(q.uses_micro_batches and q.should_compute(self.t + 1) for q in self.quantities):
             with torch.no_grad():
                 self._state.micro_grads.append(_grads(self.params))
@@ -373,9 +413,9 @@ class Recorder:
         Returns the clipper's ClipInfo; step the optimizer unless ``info.skip``.
         """
         self._check_open()
+        self._check_thread()
         if self._phase != "begun":
             raise CallOrderError("call begin() before the forward pass, and after_backward() once per step")
-        self._check_thread()
         state = self._state
         if state.record:
             with torch.no_grad():
@@ -394,9 +434,9 @@ class Recorder:
         quantities (smoothness, sharpness) are NaN. Returns the detached loss tensor.
         """
         self._check_open()
+        self._check_thread()
         if self._phase != "clipped":
             raise CallOrderError("call after_backward() after the backward pass, before end()")
-        self._check_thread()
         loss = self._loss_tensor(loss)
         if closure is not None and not callable(closure):
             raise ArgumentTypeError(
@@ -419,15 +459,12 @@ class Recorder:
 
     def _loss_tensor(self, loss: Tensor | float | None) -> Tensor:
         if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ArgumentTypeError(
-                    f"the loss must be one number, got a tensor of shape {tuple(loss.shape)}: "
-                    "reduce it (.mean() or .sum())"
-                )
-            return loss.detach().reshape(())
+            _check_loss(loss)
+            loss = loss.detach().reshape(())
+            return loss if loss.device == self.device else loss.to(self.device)
         if loss is None:
             return torch.tensor(math.nan, device=self.device)
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
             raise ArgumentTypeError(f"the loss must be a tensor, a number or None, got {type(loss).__name__} {loss!r}")
         return torch.tensor(float(loss), device=self.device)
 
@@ -443,6 +480,7 @@ class Recorder:
                 raise ArgumentTypeError(
                     f"the closure must return the loss as a tensor (to back-propagate), got {type(loss).__name__}"
                 )
+            _check_loss(loss, backward=True)
             loss.backward()
         except BaseException:
             self.abort_step()
@@ -618,10 +656,17 @@ class Recorder:
             raise DynamicsError("log_eval(step=...): the step is the Recorder's own (rec.t); log the metrics alone")
         values = {}
         for name, value in metrics.items():
+            if not name.strip():
+                raise DynamicsError("log_eval(): a metric needs a name, e.g. rec.log_eval(accuracy=0.91)")
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise ArgumentTypeError(f"log_eval({name}=...) takes a number, got {type(value).__name__} {value!r}")
+            if isinstance(value, numbers.Integral) and abs(int(value)) > 2**53:
+                raise DynamicsError(
+                    f"log_eval({name}={value}): eval columns hold float64, which holds integers exactly only up to "
+                    "2**53; log it in a unit that keeps it below"
+                )
             values[name] = [float(value)]
         self.last_eval_step = self.t
         if self.rank == 0:
@@ -637,6 +682,7 @@ class Recorder:
         self._check_open()
         if self._phase is not None:
             raise CallOrderError("checkpoint() in the middle of a step: call it after end()")
+        _check_extra(extra)
         recorder_state = self.state_dict()
         model_state, optimizer_state = distributed.state_dicts(self.module, self.optimizer)
         rngs = distributed.gather(rng_state(self.device))
@@ -657,6 +703,7 @@ class Recorder:
             return
         if self._phase is not None:
             raise CallOrderError("close() in the middle of a step: call end() first")
+        _check_extra(extra)
         try:
             self.checkpoint(extra)
         except RunError:
@@ -668,7 +715,11 @@ class Recorder:
         if self.rank != 0:
             return
         self.config.update(status="finished", steps=self.t, time_s=self.elapsed)
-        self.run.finish(self.config)
+        try:
+            self.run.finish(self.config)
+        except BaseException:
+            self.run.release()  # not finished: the run stays open (and unlocked) for a resume
+            raise
 
     def release(self) -> dict[str, Any]:
         """Stop recording but leave the run open (not finished) for a later resume; returns ``state_dict()``.
@@ -713,6 +764,28 @@ class Recorder:
                 self.run.release()
 
 
+def _check_loss(loss: Tensor, backward: bool = False) -> None:
+    """A loss tensor: one real number with data (and, to back-propagate, a graph)."""
+    if loss.numel() != 1:
+        raise ArgumentTypeError(
+            f"the loss must be one number, got a tensor of shape {tuple(loss.shape)}: reduce it (.mean() or .sum())"
+        )
+    if not (loss.is_floating_point() or loss.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise ArgumentTypeError(f"the loss must be a real number, got a tensor of dtype {loss.dtype}")
+    if loss.device.type == "meta":
+        raise ArgumentTypeError("the loss is a meta tensor, which holds no value: compute it on a real device")
+    if backward and not loss.requires_grad:
+        raise ArgumentTypeError(
+            "the closure's loss does not require grad, so there is nothing to back-propagate: compute it from the "
+            "model's outputs with gradients enabled (not under torch.no_grad(), not .detach()ed)"
+        )
+
+
+def _check_extra(extra: Any) -> None:
+    if extra is not None and not isinstance(extra, dict):
+        raise ArgumentTypeError(f"extra must be a dict (it comes back as recorder.resumed), got {type(extra).__name__}")
+
+
 def _grads(params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
 
@@ -722,8 +795,20 @@ def _fill(schema, columns: dict[str, list], n: int) -> dict[str, list]:
     return {f.name: columns.get(f.name, [math.nan if str(f.type).startswith("float") else None] * n) for f in schema}
 
 
+CHECKPOINT_PARTS = {"model": dict, "optimizer": dict, "rng": list, "extra": dict}
+
+
 def _readable_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, with the parts a resume reads; a RunError for a damaged or foreign file."""
     try:
-        return load_checkpoint(path, map_location="cpu")
+        state = load_checkpoint(path, map_location="cpu")
     except Exception as e:  # truncated, random bytes, zero bytes: torch raises many kinds
         raise RunError(f"{path} is damaged ({type(e).__name__}): the run cannot resume from it") from None
+    if not isinstance(state, dict):
+        raise RunError(f"{path} holds a {type(state).__name__}, not a dyn checkpoint: the run cannot resume from it")
+    for part, kind in CHECKPOINT_PARTS.items():
+        if not isinstance(state.get(part), kind):
+            raise RunError(f"{path} is not a whole dyn checkpoint (its {part} is missing or not a {kind.__name__})")
+    if not state["rng"] or not all(isinstance(r, dict) for r in state["rng"]):
+        raise RunError(f"{path} is not a whole dyn checkpoint (its random states are missing)")
+    return state

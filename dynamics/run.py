@@ -90,17 +90,46 @@ class RunError(ValueError):
     """A run directory that is missing, is no run, or holds a corrupt table."""
 
 
-def check_new_run_dir(run_dir: str | os.PathLike) -> None:
+# What a process killed while creating a run leaves behind before config.json exists: a new run may go there.
+LEFTOVERS = frozenset({".lock", "config.json.tmp"})
+# Every name dyn writes into a run directory: a folder holding only these (and dyn's lock) is a dead run.
+RUN_FILES = (
+    LEFTOVERS
+    | {"config.json", "journal", "checkpoint.pt", "checkpoint.pt.tmp"}
+    | {f"{name}.parquet{tmp}" for name in TABLES for tmp in ("", ".tmp")}
+)
+
+
+def _entries(run_dir: Path) -> set[str]:
+    return {child.name for child in run_dir.iterdir()} if run_dir.is_dir() else set()
+
+
+def holds_dead_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a run ``overwrite=True`` may replace: a config.json file, or a damaged run
+    (config.json missing or a folder) whose every entry is a name dyn writes. Whether anyone still records
+    into it is the lock's to say."""
+    run_dir = Path(run_dir)
+    entries = _entries(run_dir)
+    if (run_dir / "config.json").is_file():
+        return True
+    return bool(entries & {"config.json", ".lock"}) and entries <= RUN_FILES
+
+
+def check_new_run_dir(run_dir: str | os.PathLike, hint_overwrite: bool = True) -> None:
     """Raise RunError unless a new run can go into ``run_dir``: no run there, an empty folder or none
-    yet, under a folder this process may write. Checked before anything is created."""
+    yet (or only what a run killed while it was created left), under a folder this process may write.
+    Checked before anything is created."""
     run_dir = Path(run_dir)
     try:
         if any(len(part.encode()) > 255 for part in run_dir.parts):
             raise RunError(f"{run_dir}: a folder name is too long")
         if (run_dir / "config.json").exists():
-            raise RunError(f"{run_dir} already holds a run: resume it, or choose another directory")
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise RunError(f"{run_dir} exists and is not an empty directory: choose another directory")
+            replace = ", or replace it if nobody records it any more (overwrite=True)" if hint_overwrite else ""
+            raise RunError(f"{run_dir} already holds a run: resume it, choose another directory{replace}")
+        if run_dir.exists() and (not run_dir.is_dir() or not _entries(run_dir) <= LEFTOVERS):
+            dead = hint_overwrite and holds_dead_run(run_dir)
+            hint = " (a damaged dead run: overwrite=True replaces it)" if dead else ""
+            raise RunError(f"{run_dir} exists and is not an empty directory: choose another directory{hint}")
         parent = run_dir.absolute()
         while not parent.exists():
             parent = parent.parent
@@ -145,7 +174,7 @@ class RunDirectory:
 
     def create(self, config: dict[str, Any], overwrite: bool = False) -> None:
         """Make a new run with ``config``; ``overwrite`` replaces a run nobody is recording any more."""
-        if overwrite and (self.path / "config.json").is_file():
+        if overwrite and holds_dead_run(self.path):
             self.lock()
             self._clear()
         else:
@@ -240,6 +269,10 @@ class RunDirectory:
 
         self.sizes()  # refuses to finish a run whose journal lost rows
         self.close_journals()
+        # the compaction reads every row anyway: check first that every byte this run wrote reads back
+        problem = journal.check(self.journal_dir, self._known)
+        if problem is not None:
+            raise RunError(f"{self.path}: {problem} while recording: rows are lost; resume from the last checkpoint")
         metadata = {METADATA_KEY: json.dumps(config, sort_keys=True, default=str)}
         for name in TABLES:
             journal.compact(self.journal_dir, name, self.path / f"{name}.parquet", self.schemas[name], metadata)
@@ -278,6 +311,14 @@ _CONFIG_TYPES = {
 }
 
 
+def check_config_types(config: dict[str, Any], where: Any) -> None:
+    """The config.json fields the readers use have their types, or a RunError naming the field."""
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise RunError(f"{where}: {key} should be {kind.__name__}, got {type(value).__name__} {value!r:.60}")
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
     """A run's config.json, checked: a RunError names what is wrong with a missing, foreign or damaged one."""
     run_dir = Path(run_dir)
@@ -305,15 +346,32 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise RunError(f"{path}: not a dyn run config (schema_version {version!r})")
     if version > SCHEMA_VERSION:
         raise RunError(f"{path}: written by a newer dyn (schema_version {version}, this one reads {SCHEMA_VERSION})")
-    for key, kind in _CONFIG_TYPES.items():
-        value = config.get(key)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise RunError(f"{path}: {key} should be {kind.__name__}, got {type(value).__name__} {value!r:.60}")
+    check_config_types(config, path)
     return config
+
+
+KEYS = {"layers": ("step", "name")}  # columns that say which row is which (other tables: step), never empty
+
+
+def _cast(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    """A numeric column as ``target``; a value the target cannot hold (2.5 or NaN as an integer, 0.3 as a
+    bool) raises ArrowInvalid instead of being truncated."""
+    import pyarrow.compute as pc
+
+    if pa.types.is_boolean(target) and not pa.types.is_boolean(column.type):
+        values = pc.drop_null(column)
+        if len(values) and not pc.all(pc.is_in(values, pa.array([0, 1], column.type))).as_py():
+            raise pa.ArrowInvalid(f"values other than 0 and 1 in a {target} column")
+        return column.cast(target)
+    # integers: safe casts refuse fractions, NaN and overflow; floats: any number is one (big ints round)
+    return column.cast(target, safe=pa.types.is_integer(target))
 
 
 def _check_columns(table: pa.Table, name: str, schema: pa.Schema | None, path: Path) -> pa.Table:
     """The columns a run's tables are known to have, as their types: numbers stay numbers, or a RunError."""
+    for key in KEYS.get(name, ("step",)):
+        if key in table.column_names and table.column(key).null_count:
+            raise RunError(f"{path}: table {name}, column {key} has empty cells: every row needs its {key}")
     if schema is None:
         return table
     for field in schema:
@@ -328,9 +386,7 @@ def _check_columns(table: pa.Table, name: str, schema: pa.Schema | None, path: P
         if field.type == pa.string() or not (numeric or pa.types.is_null(column.type)):
             raise RunError(f"{path}: table {name}, column {field.name} holds {column.type}, not {field.type}")
         try:
-            table = table.set_column(
-                table.column_names.index(field.name), field.name, column.cast(field.type, safe=False)
-            )
+            table = table.set_column(table.column_names.index(field.name), field.name, _cast(column, field.type))
         except pa.ArrowException as e:
             raise RunError(f"{path}: table {name}, column {field.name}: {str(e).splitlines()[0]}") from None
     return table
@@ -371,18 +427,31 @@ def _frame(table: pa.Table | None, name: str, schema: pa.Schema | None):
     if table is None:
         table = schema.empty_table() if schema is not None else pa.table({"step": pa.array([], pa.int64())})
     frame = table.to_pandas()
-    keys = ["step", "name"] if name == "layers" else ["step"]
+    keys = list(KEYS.get(name, ("step",)))
     missing = [k for k in keys if k not in frame.columns]
     if missing:
         raise RunError(f"table {name} has no {missing[0]} column")
+    if name == "eval" and frame.step.duplicated().any():
+        # several log_eval() calls at one step: one row holding each metric's latest value
+        merged = frame.groupby("step", sort=False).last()
+        frame = merged.reset_index()[frame.columns]
     # stable by step alone: a step's layer rows keep the model's parameter order
     frame = frame.drop_duplicates(subset=keys, keep="last").sort_values("step", kind="stable")
     return frame.reset_index(drop=True) if isinstance(frame, pd.DataFrame) else frame
 
 
+def path_argument(run_dir: Any, what: str = "run_dir") -> Path:
+    """``run_dir`` as a Path, or an ArgumentTypeError naming ``what`` when it is no path."""
+    if isinstance(run_dir, (str, os.PathLike)) and str(run_dir):
+        return Path(run_dir)
+    from dynamics.errors import ArgumentTypeError
+
+    raise ArgumentTypeError(f"{what} must be a path (str or pathlib.Path), got {type(run_dir).__name__} {run_dir!r}")
+
+
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Load a run that has closed, is still running, or was killed (even with SIGKILL)."""
-    run_dir = Path(run_dir)
+    run_dir = path_argument(run_dir)
     for attempt in range(3):
         try:
             return _load_run(run_dir)
@@ -402,7 +471,14 @@ def _load_run(run_dir: Path) -> Run:
         if config.get("status") == "finished" and parquet.exists():
             tables[name] = _read_parquet(parquet)
         elif journal_dir.exists():
-            tables[name] = journal.read_table(journal_dir, name, table_schemas[name])
+            if not journal_dir.is_dir():
+                raise RunError(f"{journal_dir}: not a folder, so the run's rows are gone")
+            try:
+                tables[name] = journal.read_table(journal_dir, name, table_schemas[name])
+            except FileNotFoundError:
+                raise  # the run closed while we read it: load_run reads again
+            except (pa.ArrowException, OSError) as e:
+                raise RunError(f"{journal_dir}: damaged journal of table {name} ({str(e).splitlines()[0]})") from None
         elif parquet.exists():
             tables[name] = _read_parquet(parquet)
         else:
@@ -418,27 +494,57 @@ def _load_run(run_dir: Path) -> Run:
     )
 
 
-def save_run(run_dir: str | os.PathLike, config: dict[str, Any], **tables: Any) -> Path:
+def save_run(run_dir: str | os.PathLike, config: dict[str, Any] | None, **tables: Any) -> Path:
     """Write a finished run from tables you already have (pandas DataFrames by table name).
 
     Useful to plot or compare dynamics logged elsewhere: ``metrics`` needs at least the
     columns the figures read (step, loss, grad_norm, threshold, step_size, smoothness).
+    Every table needs a ``step`` column (``layers`` also ``name``); the columns dyn knows
+    must hold numbers. ``run_dir`` must be new or an empty folder.
 
     Example::
 
         save_run("runs/imported", {"clipper": {"kind": "AutoClip", "p": 10.0}}, metrics=frame)
     """
+    import pandas as pd
     import pyarrow.parquet as pq
 
-    run_dir = Path(run_dir)
-    if (run_dir / "config.json").exists():
-        raise RunError(f"{run_dir} already holds a run")
+    from dynamics.errors import ArgumentTypeError, DynamicsError
+
+    run_dir = path_argument(run_dir)
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise ArgumentTypeError(f"config must be a dict (what config.json will hold), got {type(config).__name__}")
     unknown = set(tables) - set(TABLES)
     if unknown:
-        raise ValueError(f"unknown tables {sorted(unknown)}; the tables are {TABLES}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        raise DynamicsError(f"unknown tables {sorted(unknown)}; the tables are {TABLES}")
+    config = {**config, "schema_version": SCHEMA_VERSION, "status": "finished"}
+    check_config_types(config, "config")
+    try:
+        json.dumps(config, default=str, allow_nan=False)
+    except ValueError as e:
+        raise DynamicsError(f"config must be JSON without NaN or infinity: {e}") from None
+    arrow = {}
     for name, frame in tables.items():
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if not isinstance(frame, pd.DataFrame):
+            raise ArgumentTypeError(f"{name}= takes a pandas DataFrame, got {type(frame).__name__}")
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise DynamicsError(f"{name}= cannot be stored: {str(e).splitlines()[0]}") from None
+        missing = [k for k in KEYS.get(name, ("step",)) if k not in table.column_names]
+        if missing:
+            raise DynamicsError(f"{name}= needs a {missing[0]!r} column (the rows' {missing[0]})")
+        _check_columns(table, name, SCHEMAS[name], run_dir)
+        arrow[name] = table
+    if (run_dir / "config.json").exists():
+        raise RunError(f"{run_dir} already holds a run")
+    check_new_run_dir(run_dir, hint_overwrite=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {run_dir}: {e.strerror or e}") from None
+    for name, table in arrow.items():
         tmp = run_dir / f"{name}.parquet.tmp"
         try:
             pq.write_table(table, tmp)
@@ -446,5 +552,5 @@ def save_run(run_dir: str | os.PathLike, config: dict[str, Any], **tables: Any) 
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    write_json(run_dir / "config.json", {**config, "schema_version": SCHEMA_VERSION, "status": "finished"})
+    write_json(run_dir / "config.json", config)
     return run_dir

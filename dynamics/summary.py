@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from dynamics.analysis import (
     CLIPPING_COLUMNS,
@@ -130,7 +131,8 @@ def final_eval(run: Run) -> dict[str, float]:
     out = {}
     frame = run.eval
     for column in frame.columns:
-        if column == "step" or not np.issubdtype(frame[column].dtype, np.number):
+        numeric = pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column])
+        if column == "step" or not numeric:
             continue
         out[f"final_{column}"] = float(frame[column].iloc[-1]) if len(frame) else math.nan
     return out

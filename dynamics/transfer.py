@@ -68,7 +68,13 @@ def column_values(values: np.ndarray, kind: str, q: Quantity, column: str) -> li
     """Host values for a column of type ``kind``; a value the type cannot hold exactly is refused, not coerced."""
     where = f"{type(q).__name__} column {column!r} ({kind})"
     if kind in ("float64", "float32"):
-        return [float(v) for v in values.astype(np.float64)]
+        out = [float(v) for v in values.astype(np.float64)]
+        if kind == "float32":
+            largest = float(np.finfo(np.float32).max)
+            wide = [v for v in out if math.isfinite(v) and abs(v) > largest]
+            if wide:
+                raise DynamicsError(f"{where}: got {wide[0]}, beyond float32's range: declare the column float64")
+        return out
     if values.dtype == np.int64:
         if kind == "bool" and not np.isin(values, (0, 1)).all():
             raise DynamicsError(f"{where}: got {values.tolist()}, a bool column takes 0/1 or True/False")
@@ -92,8 +98,12 @@ def column_tensor(q: Quantity, column: str, value: Any, k: int, device: torch.de
     """A quantity's result as a tensor of the length its table needs (k for layers, 1 for metrics), or a clear error."""
     where = f"{type(q).__name__} column {column!r}"
     try:
-        t = torch.as_tensor(value, device=device)
-    except (TypeError, ValueError, RuntimeError):
+        # through numpy: a Python float stays float64 and an int int64 (torch would make a float float32)
+        array = value if isinstance(value, Tensor) else np.asarray(value)
+        if isinstance(array, np.ndarray) and array.dtype.kind not in "biuf":
+            raise TypeError  # strings, None, objects, complex numbers
+        t = torch.as_tensor(array, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
         raise DynamicsError(f"{where}: compute returned {type(value).__name__}, not a number or tensor") from None
     if not (t.is_floating_point() or t.dtype == torch.bool or _is_integer_dtype(t.dtype)):
         raise DynamicsError(f"{where}: dtype {t.dtype} does not fit a column")

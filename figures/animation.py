@@ -21,9 +21,10 @@ def check_animation(frames: int, duration: float) -> None:
     """Raise ValueError unless 1 <= frames <= MAX_FRAMES and duration is a finite number of seconds > 0
     that gives each frame at most a GIF's longest delay."""
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or not 1 <= frames <= MAX_FRAMES:
-        raise ValueError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {frames}")
-    if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
-        raise ValueError(f"duration must be a finite number of seconds above 0, got {duration}")
+        raise ValueError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {frames!r}")
+    ok = isinstance(duration, (int, float, np.floating)) and not isinstance(duration, bool)
+    if not (ok and math.isfinite(duration) and duration > 0):
+        raise ValueError(f"duration must be a finite number of seconds above 0, got {duration!r}")
     if duration / frames > MAX_FRAME_S:
         raise ValueError(
             f"duration {duration:g} s over {frames} frame(s) is more than a GIF's {MAX_FRAME_S} s a frame; "
@@ -55,8 +56,17 @@ def threshold_animation(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if not isinstance(run, Run):
+        raise TypeError(f"threshold_animation takes a Run (dynamics.load_run(RUN_DIR)), got {type(run).__name__}")
     check_animation(frames, duration)
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, np.integer)) or dpi < 1:
+        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
     m = run.metrics
+    missing = [c for c in ("grad_norm", "smoothness") if c not in m.columns]
+    if missing:
+        raise ValueError(
+            f"{run.path}: the animation plots gradient norm against smoothness; the run has no {missing[0]}"
+        )
     g = m.grad_norm.to_numpy(dtype=float)
     s = m.smoothness.to_numpy(dtype=float)
     steps = m.step.to_numpy()
@@ -64,7 +74,7 @@ def threshold_animation(
     if not keep.any():
         raise ValueError(f"{run.path}: no recorded row has a positive gradient norm and smoothness")
     x, y, point_steps = np.log(g[keep]), np.log(s[keep]), steps[keep]
-    thresholds = m.threshold.to_numpy(dtype=float)
+    thresholds = m.threshold.to_numpy(dtype=float) if "threshold" in m.columns else np.full(len(m), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_thresholds = np.where((thresholds > 0) & np.isfinite(thresholds), np.log(thresholds), np.nan)
     show_line = style.draws_threshold(run)

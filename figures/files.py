@@ -78,6 +78,10 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
     fmt = path.suffix.lower().lstrip(".")
     if not fmt:
         raise FigurePathError(f"{path}: no extension; use .png, .pdf or .svg")
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise FigurePathError(f"{path}: matplotlib cannot write .{fmt} files; use .png, .pdf or .svg")
+    if not path.parent.is_dir():
+        raise FigurePathError(f"{path}: folder {path.parent} does not exist; create it or choose another path")
     with atomic_file(path) as f:
         fig.savefig(f, format=fmt, dpi=dpi)
     return path

@@ -34,13 +34,27 @@ def pyplot():
 
 
 def clipper_of(run: Run) -> dict:
-    return run.config.get("clipper") or {}
+    clipper = run.config.get("clipper")
+    return clipper if isinstance(clipper, dict) else {}
+
+
+def setting(run: Run, key: str) -> float | None:
+    """A number of the run's clipper settings (p, max_norm, ...), None where it is missing or not a number."""
+    value = clipper_of(run).get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)  # a number, or a number written as a string
+    except ValueError:
+        return None
+    return None if math.isnan(number) else number
 
 
 def never_clips(run: Run) -> bool:
     """No clipping: NoClip, or AutoClip with p = 100 (the paper's 'no clipping' run)."""
     c = clipper_of(run)
-    return c.get("kind") in (None, "NoClip") or (c.get("kind") == "AutoClip" and float(c.get("p", 0)) >= 100)
+    p = setting(run, "p")
+    return c.get("kind") in (None, "NoClip") or (c.get("kind") == "AutoClip" and p is not None and p >= 100)
 
 
 def is_autoclip(run: Run) -> bool:
@@ -64,25 +78,26 @@ def label(run: Run) -> str:
         return "No clipping"
     if kind == "AutoClip":
         window = f", window {c['window']}" if c.get("window") else ""
-        return f"With AutoClip, p = {float(c['p']):g}{window}"
-    if kind == "ClipNorm":
-        return f"Clip norm {float(c['max_norm']):g}"
-    if kind == "ClipValue":
-        return f"Clip value {float(c['clip_value']):g}"
+        p = setting(run, "p")
+        return f"With AutoClip{'' if p is None else f', p = {p:g}'}{window}"
+    if kind in ("ClipNorm", "ClipValue"):
+        name, key = ("Clip norm", "max_norm") if kind == "ClipNorm" else ("Clip value", "clip_value")
+        value = setting(run, key)
+        return name if value is None else f"{name} {value:g}"
     return run.name
 
 
 def threshold_label(run: Run) -> str:
     """The legend of the threshold line: 'log(10th percentile of gradient norm)' for AutoClip."""
-    c = clipper_of(run)
-    if c.get("kind") == "AutoClip":
-        return f"log({ordinal(float(c['p']))} percentile of gradient norm)"
+    p = setting(run, "p")
+    if clipper_of(run).get("kind") == "AutoClip" and p is not None and math.isfinite(p):
+        return f"log({ordinal(p)} percentile of gradient norm)"
     return "log(clipping threshold)"
 
 
 def draws_threshold(run: Run) -> bool:
     """A clipped run with a norm threshold gets the threshold line."""
-    if never_clips(run) or run.metrics.empty:
+    if never_clips(run) or run.metrics.empty or "threshold" not in run.metrics.columns:
         return False
     return any(math.isfinite(t) and t > 0 for t in run.metrics.threshold)
 

@@ -92,7 +92,8 @@ class DistanceFromInit(Quantity):
         return {"initial": [t.cpu() for t in self.initial]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.initial = [t.to(p.device, p.dtype) for t, p in zip(state["initial"], self.initial)]
+        initial = _like(state["initial"], self.initial, "DistanceFromInit's initial parameters")
+        self.initial = [t.to(p.device, p.dtype) for t, p in zip(initial, self.initial)]
 
 
 class UpdateCosine(Quantity):
@@ -123,10 +124,24 @@ class UpdateCosine(Quantity):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         previous = state["previous"]
+        if previous is not None:
+            previous = _like(previous, self._params, "UpdateCosine's previous update")
         self.previous = None if previous is None else [t.to(self._device) for t in previous]
 
     def setup(self, ctx: SetupContext) -> None:
         self._device = ctx.params[0].device
+        self._params = ctx.params
+
+
+def _like(tensors: Any, params: list[Tensor], what: str) -> list[Tensor]:
+    """``tensors`` if it is one tensor per parameter, each of its shape; else a ValueError naming ``what``."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(params):
+        raise ValueError(f"{what}: expected {len(params)} tensors, one per parameter, got {type(tensors).__name__}")
+    for t, p in zip(tensors, params):
+        if not isinstance(t, Tensor) or t.shape != p.shape:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{what}: a tensor of shape {shape} for a parameter of shape {tuple(p.shape)}")
+    return list(tensors)
 
 
 DEFAULTS = (StepSize, Smoothness, LayerNorms)

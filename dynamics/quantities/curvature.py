@@ -94,7 +94,7 @@ class HessianVectorProducts:
         self._stack.enter_context(self.probe.at(self.theta))
         self._stack.enter_context(torch.enable_grad())
         try:
-            loss = self.probe.closure()
+            loss = self.probe.loss()
             grads = self._double_backward(
                 lambda: torch.autograd.grad(loss, self.probe.params, create_graph=True, allow_unused=True)
             )
