@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from cli.errors import EXIT_BAD_INPUT, environment_failure, fail
+from cli.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, environment_failure, fail
 
 
 def _click_type(annotation):
@@ -63,6 +63,48 @@ def check_out(out: Path) -> None:
         fail(f"--out {e}")
 
 
+def resolved_options(ctx: click.Context, kw: dict, preset: str | None):
+    """TaskOptions from the command line: ``preset`` under the given options, checked; one line if wrong."""
+    from dynamics.tasks.separation.options import TaskOptions, with_preset
+
+    given = given_options(ctx, kw)
+    try:
+        opts = TaskOptions(**with_preset(preset, kw, given)).checked()
+        opts.check_effective(given)
+    except ValueError as e:
+        fail(str(e))
+    return opts
+
+
+class Nodes:
+    """``--nnodes`` and the rendezvous that joins them (torch elastic, c10d), as checked options."""
+
+    def __init__(self, ctx: click.Context, nnodes: int, endpoint: str | None, timeout: float):
+        self.count, self.endpoint, self.timeout = nnodes, endpoint, timeout
+        if nnodes < 1:
+            fail(f"--nnodes must be a positive integer, got {nnodes}")
+        if not timeout > 0 or timeout == float("inf"):
+            fail(f"--rdzv-timeout must be a positive number of seconds, got {timeout!r}")
+        if nnodes == 1:
+            extra = given_options(ctx, ["rdzv_endpoint", "rdzv_timeout"])
+            if extra:
+                flags = ", ".join(f"--{n.replace('_', '-')}" for n in extra)
+                fail(f"{flags}: for several nodes only: give --nnodes 2 or more, or drop {flags}")
+        elif endpoint is None:
+            fail("--nnodes needs --rdzv-endpoint HOST:PORT, the same on every node (e.g. the first node's name)")
+        elif not _is_endpoint(endpoint):
+            fail(f"--rdzv-endpoint must be HOST:PORT with a port in [1, 65535], got {endpoint!r}")
+
+    @property
+    def several(self) -> bool:
+        return self.count > 1
+
+
+def _is_endpoint(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)
+
+
 @click.command("record")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default runs/<clipper>).")
 @click.option(
@@ -75,36 +117,63 @@ def check_out(out: Path) -> None:
 @click.option(
     "--threads", type=int, default=1, show_default=True, help="torch CPU threads (one is fastest for the small net)."
 )
+@click.option(
+    "--preset",
+    type=click.Choice(["paper"]),
+    default=None,
+    help="Start from a named set of options ('paper': the paper's Fig. 1 sizes on CUDA); options given win.",
+)
+@click.option(
+    "--nnodes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Machines to train on together: run the same command on each (with --rdzv-endpoint); "
+    "--nproc processes per machine.",
+)
+@click.option(
+    "--rdzv-endpoint", default=None, help="With --nnodes: HOST:PORT where the nodes meet (torch elastic c10d)."
+)
+@click.option(
+    "--rdzv-timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="With --nnodes: seconds to wait for every node to join.",
+)
 @task_options()
 @click.pass_context
-def record(ctx, out, resume_dir, threads, **kw):
+def record(ctx, out, resume_dir, threads, preset, nnodes, rdzv_endpoint, rdzv_timeout, **kw):
     """Train the built-in separation task and record its dynamics into a run directory."""
-    from dynamics.launch import in_worker
-    from dynamics.tasks.separation.options import TaskOptions
+    from dynamics.launch import in_worker, quiet_cpp_logs
 
+    if nnodes > 1 and not in_worker():
+        quiet_cpp_logs()  # this process only waits for the other nodes, then for its workers
     if threads < 1:
         fail(f"--threads must be a positive integer, got {threads}")
+    nodes = Nodes(ctx, nnodes, rdzv_endpoint, rdzv_timeout)
     if resume_dir is not None:
-        given = given_options(ctx, [*kw, "out"])
+        given = given_options(ctx, [*kw, "out", "preset"])
         if given:
             flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
             fail(f"--resume continues a run with the options it was started with: drop {flags}")
-        return _resume(resume_dir, threads)
-    try:
-        opts = TaskOptions(**kw).checked()
-        if not in_worker():
+        return _resume(resume_dir, threads, nodes)
+    opts = resolved_options(ctx, kw, preset)
+    if not in_worker():
+        try:
             opts.check_environment()
-    except ValueError as e:
-        fail(str(e))
+        except ValueError as e:
+            fail(str(e))
     out = out if out is not None else opts.default_out()
     if not in_worker():  # torchrun decides in workers; the parent checked the rest
         check_out(out)
-    if opts.nproc > 1 and not in_worker():
-        return _launch(opts.nproc, ["--out", str(out)])
-    _run(opts, out, resume=False, threads=threads)
+    if (opts.nproc > 1 or nodes.several) and not in_worker():
+        # workers get the run directory chosen here (a default one could be taken by then)
+        return _launch(opts.nproc, nodes, [] if given_options(ctx, ["out"]) else ["--out", str(out)])
+    _run(opts, out, resume=False, threads=threads, preset=preset)
 
 
-def _resume(run_dir: Path, threads: int) -> None:
+def _resume(run_dir: Path, threads: int, nodes: Nodes) -> None:
     from dynamics.launch import in_worker
     from dynamics.run import RunError, read_config
     from dynamics.tasks.separation.options import TaskOptions
@@ -123,20 +192,35 @@ def _resume(run_dir: Path, threads: int) -> None:
             opts.check_environment()
     except (TypeError, ValueError) as e:
         fail(f"{run_dir}/config.json: {e}")
-    if opts.nproc > 1 and not in_worker():
-        return _launch(opts.nproc, [])
+    world = config.get("world_size", 1)
+    if not in_worker() and isinstance(world, int) and world != opts.nproc * nodes.count:
+        nnodes = max(1, world // opts.nproc)
+        how = "without --nnodes" if nnodes == 1 else f"--nnodes {nnodes} with --rdzv-endpoint, on every node"
+        fail(f"{run_dir} was recorded on {world} processes ({opts.nproc} per node): resume it on as many ({how})")
+    if (opts.nproc > 1 or nodes.several) and not in_worker():
+        return _launch(opts.nproc, nodes, [])
     _run(opts, run_dir, resume=True, threads=threads)
 
 
-def _launch(nproc: int, extra: list[str]) -> None:
-    from dynamics.launch import launch
+def _launch(nproc: int, nodes: Nodes, extra: list[str]) -> None:
+    from dynamics.launch import RendezvousFailed, launch
 
-    codes = launch(nproc, ["-m", "cli", *sys.argv[1:], *extra])
+    try:
+        codes = launch(
+            nproc,
+            ["-m", "cli", *sys.argv[1:], *extra],
+            nnodes=nodes.count,
+            endpoint=nodes.endpoint,
+            timeout=nodes.timeout,
+        )
+    except RendezvousFailed as e:
+        click.echo(f"dyn: error: {e}", err=True)
+        sys.exit(EXIT_ENVIRONMENT)
     if any(codes):
         sys.exit(EXIT_BAD_INPUT if EXIT_BAD_INPUT in codes else max(codes))
 
 
-def _run(opts, out: Path, resume: bool, threads: int) -> None:
+def _run(opts, out: Path, resume: bool, threads: int, preset: str | None = None) -> None:
     from dynamics.launch import die_with_launcher, in_worker
 
     if in_worker():
@@ -170,7 +254,8 @@ def _run(opts, out: Path, resume: bool, threads: int) -> None:
     # Only what the user can fix is one line: the run directory, the data, the machine. A bug
     # inside training is a traceback with exit code 1.
     try:
-        record_task(opts, out, resume=resume, progress=progress, config={"command": sys.argv})
+        extra = {"command": sys.argv, **({"preset": preset} if preset else {})}
+        record_task(opts, out, resume=resume, progress=progress, config=extra)
     except (RunError, DataError) as e:
         fail(str(e))
     except OSError as e:

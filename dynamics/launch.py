@@ -1,4 +1,4 @@
-"""Multi-process training on one machine: launch workers (torch elastic), join their process group."""
+"""Multi-process training on one machine or several: launch workers (torch elastic), join their process group."""
 
 from __future__ import annotations
 
@@ -39,28 +39,82 @@ def init_distributed(device: str = "cpu") -> None:
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
 
-def launch(nproc: int, args: list[str]) -> list[int]:
-    """Run ``python ARGS...`` on ``nproc`` local processes (torchrun --standalone); their exit codes.
+class RendezvousFailed(RuntimeError):
+    """The nodes of a multi-node launch did not meet: one line saying why and what to check."""
 
-    All zeros when every worker succeeded; otherwise the failed workers' codes.
+
+def quiet_cpp_logs() -> None:
+    """Keep c10d's C++ warnings (a peer not up yet, an address family missing) out of a launcher's stderr.
+
+    The level is read once, when torch is imported, so call this first; it applies to this process
+    only (workers get the caller's environment). Does nothing if torch is loaded or the user set it.
+    """
+    if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        import torch  # noqa: F401  (reads the level)
+    finally:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+
+
+def launch(
+    nproc: int, args: list[str], nnodes: int = 1, endpoint: str | None = None, timeout: float = 600.0
+) -> list[int]:
+    """Run ``python ARGS...`` on ``nproc`` processes here; their exit codes (all zeros when every worker succeeded).
+
+    ``nnodes > 1``: this machine is one of ``nnodes`` running the same call, meeting at ``endpoint``
+    (HOST:PORT, torch elastic's c10d rendezvous, hosted by the node that can bind it) within
+    ``timeout`` seconds; RendezvousFailed if they do not.
     """
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousConnectionError,
+        RendezvousError,
+        RendezvousTimeoutError,
+    )
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-    )
+    if nnodes > 1:
+        seconds = max(1, int(round(timeout)))
+        config = LaunchConfig(
+            min_nodes=nnodes,
+            max_nodes=nnodes,
+            nproc_per_node=nproc,
+            run_id="dyn",  # the same on every node
+            rdzv_backend="c10d",
+            rdzv_endpoint=endpoint,
+            # read_timeout also bounds the wait for the endpoint to answer at all
+            rdzv_configs={"join_timeout": seconds, "read_timeout": seconds},
+            max_restarts=0,
+        )
+    else:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+        )
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as e:
         return [f.exitcode for f in e.failures.values()] or [1]
+    except RendezvousTimeoutError:
+        raise RendezvousFailed(
+            f"the {nnodes} nodes did not all join at {endpoint} within {seconds} s: start the same command "
+            "on every node (or wait longer with --rdzv-timeout)"
+        ) from None
+    except RendezvousConnectionError:
+        raise RendezvousFailed(
+            f"could not reach the rendezvous at {endpoint} within {seconds} s: check the host name and port "
+            "(the first node's, reachable from every node)"
+        ) from None
+    except RendezvousError as e:
+        raise RendezvousFailed(f"the rendezvous at {endpoint} failed: {type(e).__name__} {e}") from None
     return [0] * nproc

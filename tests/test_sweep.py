@@ -127,3 +127,12 @@ def test_sweep_over_seeds_writes_mean_and_interval_per_cell(tmp_path):
     assert int(row["n_seeds"]) == 3 and float(row["si_sdr"]) == pytest.approx(np.mean(finals))
     assert float(row["si_sdr_ci_low"]) == pytest.approx(low) and float(row["si_sdr_ci_high"]) == pytest.approx(high)
     assert f"{np.mean(finals):.1f} [{low:.1f}, {high:.1f}]" in (out / "table1.md").read_text()
+
+
+def test_a_sweep_manifest_older_than_an_option_still_matches_at_that_options_default():
+    from cli.sweep import changed_settings
+
+    settings = {"hidden": 8, "every": 4, "time_limit": None}
+    assert changed_settings({"hidden": 8, "every": 4}, settings) == []  # written before --time-limit existed
+    assert changed_settings({"hidden": 8, "every": 4}, {**settings, "time_limit": 5.0}) == ["time_limit"]
+    assert changed_settings({"hidden": 16, "every": 4, "time_limit": None}, settings) == ["hidden"]

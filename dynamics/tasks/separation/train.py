@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,22 @@ class SeparationTask:
         return {"si_sdr": score, "si_sdri": score - base}
 
 
+class TimeLimit:
+    """``minutes`` of wall-clock time from now (None: no limit), agreed on by every rank.
+
+    Under torch.distributed rank 0's clock decides, broadcast each step, so that all ranks stop
+    after the same step (a rank that stopped alone would leave the others waiting in a collective).
+    """
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
+
+    def reached(self) -> bool:
+        if self.end is None:
+            return False
+        return bool(distributed.broadcast(time.monotonic() >= self.end))
+
+
 def record(
     opts: TaskOptions,
     out: str | Path,
@@ -115,7 +132,7 @@ def record(
     progress: Callable[[int, float, float], None] | None = None,
     config: dict[str, Any] | None = None,
 ) -> Path:
-    """Train the built-in task for ``opts.steps`` steps, recording into ``out``.
+    """Train the built-in task for ``opts.steps`` steps (or until ``opts.time_limit`` minutes), recording into ``out``.
 
     ``progress(t, loss, threshold)`` is called after every step (for a progress bar).
     With ``resume=True`` the run continues from its checkpoint, exactly (or restarts in
@@ -130,7 +147,8 @@ def record(
     optimizer = torch.optim.Adam(task.model.parameters(), lr=opts.lr, eps=1e-8 * opts.loss_scale)
     quantities = Recorder.default_quantities(layers=opts.record_layers)
     if opts.sharpness_every:
-        quantities.append(Sharpness(every=opts.sharpness_every))
+        # finite differences: no double backward, so it runs on cuDNN's LSTM and under DDP
+        quantities.append(Sharpness(every=opts.sharpness_every, hvp="fd"))
     rec = Recorder(
         task.model,
         optimizer,
@@ -153,7 +171,8 @@ def record(
     # than the write in progress, and the run resumes from its last checkpoint.
     if rec.t == 0:
         rec.checkpoint()  # step 0: a run killed before its first checkpoint still resumes
-    while rec.t < opts.steps:
+    deadline = TimeLimit(opts.time_limit)
+    while rec.t < opts.steps and not deadline.reached():
         t = rec.t + 1
         loss = rec.step(task.closure(t), epoch=task.epoch_of(t))
         if opts.eval_every and t % opts.eval_every == 0:
