@@ -39,6 +39,7 @@ demo: setup
 	$(VENV)/bin/dyn plot $(DEMO)/p100 $(DEMO)/autoclip-p10 --out docs/fig1.png
 	$(VENV)/bin/dyn animate $(DEMO)/autoclip-p10 --out docs/threshold.gif
 	$(VENV)/bin/dyn report $(DEMO)/autoclip-p10 $(DEMO)/p100 --out docs/report.html
+	$(PY) tools/screenshot.py docs/report.html docs/report.png 1400 1800 || true  # the README's picture; needs Chromium
 
 test: setup
 	$(PY) -m pytest -q
@@ -60,3 +61,5 @@ bench: setup
 	$(PY) benchmarks/autoclip_overhead.py
 	$(PY) benchmarks/record_overhead.py
 	$(PY) benchmarks/figures_speed.py
+	$(PY) benchmarks/analysis_speed.py
+	$(PY) benchmarks/window_speed.py

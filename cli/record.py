@@ -53,10 +53,14 @@ def given_options(ctx: click.Context, names) -> list[str]:
     return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
 
 
-def check_out(out: Path) -> None:
-    """``--out`` must be free (or an empty folder) and creatable: checked before anything is made."""
+def check_out(out: Path, force: bool = False) -> None:
+    """``--out`` must be free (or an empty folder) and creatable: checked before anything is made.
+
+    With ``force`` a run already there is left to the Recorder, which replaces it unless it is live."""
     from dynamics.run import RunError, check_new_run_dir
 
+    if force and (out / "config.json").exists():
+        return
     try:
         check_new_run_dir(out)
     except RunError as e:
@@ -115,6 +119,11 @@ def _is_endpoint(text: str) -> bool:
     help="Continue the run in this directory from its checkpoint, with the options it was started with.",
 )
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the run in --out if nobody records it any more (one that crashed); a live run is refused.",
+)
+@click.option(
     "--threads", type=int, default=1, show_default=True, help="torch CPU threads (one is fastest for the small net)."
 )
 @click.option(
@@ -143,7 +152,7 @@ def _is_endpoint(text: str) -> bool:
 )
 @task_options()
 @click.pass_context
-def record(ctx, out, resume_dir, threads, preset, nnodes, rdzv_endpoint, rdzv_timeout, **kw):
+def record(ctx, out, resume_dir, force, threads, preset, nnodes, rdzv_endpoint, rdzv_timeout, **kw):
     """Train the built-in separation task and record its dynamics into a run directory."""
     from dynamics.launch import in_worker, quiet_cpp_logs
 
@@ -152,6 +161,8 @@ def record(ctx, out, resume_dir, threads, preset, nnodes, rdzv_endpoint, rdzv_ti
     if threads < 1:
         fail(f"--threads must be a positive integer, got {threads}")
     nodes = Nodes(ctx, nnodes, rdzv_endpoint, rdzv_timeout)
+    if resume_dir is not None and force:
+        fail("--force replaces a run and --resume continues one: give one of them")
     if resume_dir is not None:
         given = given_options(ctx, [*kw, "out", "preset"])
         if given:
@@ -166,11 +177,11 @@ def record(ctx, out, resume_dir, threads, preset, nnodes, rdzv_endpoint, rdzv_ti
             fail(str(e))
     out = out if out is not None else opts.default_out()
     if not in_worker():  # torchrun decides in workers; the parent checked the rest
-        check_out(out)
+        check_out(out, force)
     if (opts.nproc > 1 or nodes.several) and not in_worker():
         # workers get the run directory chosen here (a default one could be taken by then)
         return _launch(opts.nproc, nodes, [] if given_options(ctx, ["out"]) else ["--out", str(out)])
-    _run(opts, out, resume=False, threads=threads, preset=preset)
+    _run(opts, out, resume=False, threads=threads, preset=preset, overwrite=force)
 
 
 def _resume(run_dir: Path, threads: int, nodes: Nodes) -> None:
@@ -220,7 +231,7 @@ def _launch(nproc: int, nodes: Nodes, extra: list[str]) -> None:
         sys.exit(EXIT_BAD_INPUT if EXIT_BAD_INPUT in codes else max(codes))
 
 
-def _run(opts, out: Path, resume: bool, threads: int, preset: str | None = None) -> None:
+def _run(opts, out: Path, resume: bool, threads: int, preset: str | None = None, overwrite: bool = False) -> None:
     from dynamics.launch import die_with_launcher, in_worker
 
     if in_worker():
@@ -255,7 +266,7 @@ def _run(opts, out: Path, resume: bool, threads: int, preset: str | None = None)
     # inside training is a traceback with exit code 1.
     try:
         extra = {"command": sys.argv, **({"preset": preset} if preset else {})}
-        record_task(opts, out, resume=resume, progress=progress, config=extra)
+        record_task(opts, out, resume=resume, progress=progress, config=extra, overwrite=overwrite)
     except (RunError, DataError) as e:
         fail(str(e))
     except OSError as e:

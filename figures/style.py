@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 
+from dynamics import stats
 from dynamics.run import Run
 
 NO_CLIP_COLOR = "#00008b"  # dark blue
@@ -51,10 +52,8 @@ def setting(run: Run, key: str) -> float | None:
 
 
 def never_clips(run: Run) -> bool:
-    """No clipping: NoClip, or AutoClip with p = 100 (the paper's 'no clipping' run)."""
-    c = clipper_of(run)
-    p = setting(run, "p")
-    return c.get("kind") in (None, "NoClip") or (c.get("kind") == "AutoClip" and p is not None and p >= 100)
+    """No clipping: NoClip, or AutoClip with p = 100 (the paper's 'no clipping' run); one rule with the statistics."""
+    return stats.never_clips(run.config.get("clipper"))
 
 
 def is_autoclip(run: Run) -> bool:

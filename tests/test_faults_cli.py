@@ -237,3 +237,23 @@ def test_load_run_reads_a_run_that_closes_while_it_is_read(tmp_path, monkeypatch
     monkeypatch.setattr(journal, "read_table", closing)
     loaded = load_run(run)
     assert calls and loaded.status == "finished" and len(loaded.steps) == 10
+
+
+def test_force_replaces_a_crashed_run_and_refuses_a_live_one(tmp_path):
+    import fcntl
+    import json
+
+    run = tmp_path / "run"
+    first = dyn("record", *TINY, "--steps", "10", "--out", run)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "status": "running"}))  # as if it had crashed
+    _one_line(dyn("record", *TINY, "--steps", "10", "--out", run), 2, "already holds a run")
+    with open(run / ".lock", "w") as held:  # another process records it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _one_line(dyn("record", *TINY, "--steps", "10", "--out", run, "--force"), 2, "being recorded by another")
+    replaced = dyn("record", *TINY, "--steps", "5", "--out", run, "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    fresh = load_run(run)
+    assert fresh.config["run_id"] != config["run_id"] and fresh.steps.step.tolist() == [1, 2, 3, 4, 5]
+    _one_line(dyn("record", "--resume", run, "--force"), 2, "give one of them")

@@ -131,12 +131,13 @@ def record(
     resume: bool = False,
     progress: Callable[[int, float, float], None] | None = None,
     config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train the built-in task for ``opts.steps`` steps (or until ``opts.time_limit`` minutes), recording into ``out``.
 
     ``progress(t, loss, threshold)`` is called after every step (for a progress bar).
     With ``resume=True`` the run continues from its checkpoint, exactly (or restarts in
-    place from step 0 if it never reached one).
+    place from step 0 if it never reached one). ``overwrite`` replaces a dead run in ``out``.
     """
     opts = opts.checked()
     init_distributed(opts.device)
@@ -158,6 +159,7 @@ def record(
         probes=opts.probes,
         direction=opts.direction,
         resume=resume,
+        overwrite=overwrite,
         quantities=quantities,
         config={
             "task": opts.to_dict(),
