@@ -62,7 +62,9 @@ def run_group(group: click.Group, prog_name: str = "dyn") -> None:
     hint = RESUME_HINTS.get(command)
     interrupted = f"{prog_name}: interrupted" + (f" ({hint})" if hint else "")
     try:
-        group.main(prog_name=prog_name, standalone_mode=False)
+        # not group.main(): on Ctrl-C it prints an empty line first, and the interruption is one line
+        with group.make_context(prog_name, sys.argv[1:]) as ctx:
+            group.invoke(ctx)
     except click.exceptions.Abort as e:
         if isinstance(e.__context__, EOFError):  # click turns EOFError into Abort: a truncated file
             click.echo(f"{prog_name}: error: unexpected end of file ({e.__context__})", err=True)
