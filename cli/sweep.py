@@ -585,9 +585,6 @@ def write_table(out: Path, losses: list[str], ps: list[float], seeds: list[int] 
         + markdown
         + "\n"
     )
-    import matplotlib
-
-    matplotlib.use("Agg")
     from cli.common import save_figure
 
     save_figure(table1_figure(losses, ps, value), out / "table1.png")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from figures import style
+
 # The paper's names of its five losses.
 LOSS_NAMES = {"dc": "L_DC", "wkm": "L_WKM", "mi": "L_MI", "chimera": "L_MI+WKM", "snr": "L_SNR"}
 
@@ -12,7 +14,7 @@ LOSS_NAMES = {"dc": "L_DC", "wkm": "L_WKM", "mi": "L_MI", "chimera": "L_MI+WKM",
 def table1_figure(losses: Sequence[str], ps: Sequence[float], si_sdr: Mapping[tuple[str, float], float]):
     """A heatmap of ``si_sdr[(loss, p)]`` (dB), one column per loss and one row per p; cells without a
     finished run (NaN or missing) are left blank. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
+    plt = style.pyplot()
     import numpy as np
     import seaborn as sns
 

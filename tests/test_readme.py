@@ -7,7 +7,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-EXAMPLES = [(page, code) for page in PAGES for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
+CONTINUED = "# continued"  # a block that starts so runs after the block above it, as a reader would run it
+
+
+def _examples() -> list[tuple[Path, str]]:
+    out = []
+    for page in PAGES:
+        previous = ""
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+            if code.startswith(CONTINUED):
+                out.append((page, previous + code))
+            else:
+                out.append((page, code))
+                previous = code
+    return out
+
+
+EXAMPLES = _examples()
 
 
 def test_readme_has_examples():
