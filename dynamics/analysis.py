@@ -382,15 +382,13 @@ def clipping_summary(steps) -> dict[str, float]:
 ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor")
 
 
-def edge_of_stability(optimizer: dict[str, Any] | None, lr) -> float | np.ndarray | None:
-    """The largest sharpness (top Hessian eigenvalue) at which the optimizer is stable on a quadratic,
-    for torch.optim.SGD as recorded in config["optimizer"]; None for any other optimizer (for Adam and
-    the other adaptive ones the analogue concerns the preconditioned sharpness: no line applies).
+def sgd_edge_factor(optimizer: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(c, wd) such that torch.optim.SGD, as recorded in config["optimizer"], is stable on a quadratic
+    while its sharpness stays below c / lr − wd; None for any other optimizer.
 
-    Plain gradient descent: 2 / lr (Cohen et al. 2021). Heavy-ball momentum beta with dampening d:
-    2 (1 + beta) / (lr (1 - d)). Nesterov: 2 (1 + beta) / (lr (1 + 2 beta)). Weight decay wd adds wd to
-    every eigenvalue, so the edge for the loss's own sharpness is that value minus wd. ``lr``: a number
-    or an array (one per record); NaN where lr is not positive.
+    Plain gradient descent: c = 2 (Cohen et al. 2021). Heavy-ball momentum beta with dampening d:
+    2 (1 + beta) / (1 - d). Nesterov: 2 (1 + beta) / (1 + 2 beta). Weight decay wd adds wd to every
+    eigenvalue, so the edge for the loss's own sharpness is lower by wd.
     """
     if not isinstance(optimizer, dict) or optimizer.get("kind") != "SGD":
         return None
@@ -404,9 +402,34 @@ def edge_of_stability(optimizer: dict[str, Any] | None, lr) -> float | np.ndarra
 
     beta, dampening, decay = number("momentum", 0.0), number("dampening", 0.0), number("weight_decay", 0.0)
     if optimizer.get("nesterov"):
-        factor = 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta)
-    else:
-        factor = 2.0 * (1.0 + beta) / (1.0 - dampening) if dampening < 1.0 else math.inf
+        return 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta), decay
+    return (2.0 * (1.0 + beta) / (1.0 - dampening) if dampening < 1.0 else math.inf), decay
+
+
+def learning_rate(run) -> np.ndarray | float:
+    """The run's learning rate: the metrics lr column where recorded (an array, one per row), else
+    config["optimizer"]["lr"] (a float); NaN if neither."""
+    m = run.metrics
+    if "lr" in m.columns:
+        lr = m.lr.to_numpy(dtype=float)
+        if np.isfinite(lr).any():
+            return lr
+    try:
+        return float((run.config.get("optimizer") or {}).get("lr"))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def edge_of_stability(optimizer: dict[str, Any] | None, lr) -> float | np.ndarray | None:
+    """The largest sharpness (top Hessian eigenvalue) at which the optimizer is stable on a quadratic,
+    c / lr − wd with ``sgd_edge_factor``, for torch.optim.SGD as recorded in config["optimizer"]; None for
+    any other optimizer (for Adam and the other adaptive ones the analogue concerns the preconditioned
+    sharpness: no line applies). ``lr``: a number or an array (one per record); NaN where lr is not positive.
+    """
+    edge_factor = sgd_edge_factor(optimizer)
+    if edge_factor is None:
+        return None
+    factor, decay = edge_factor
     lr = np.asarray(lr, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         edge = np.where(lr > 0, factor / np.where(lr > 0, lr, 1.0) - decay, np.nan)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamics.analysis import edge_of_stability
+from dynamics.analysis import edge_of_stability, learning_rate
 from dynamics.errors import DynamicsError
 from dynamics.stats import never_clips
 from dynamics.summary import format_number
@@ -237,16 +237,9 @@ def _clipping(step: np.ndarray, steps, clipper: Any) -> list[Finding]:
 
 
 def _learning_rate(run) -> np.ndarray:
-    m = run.metrics
-    if "lr" in m.columns:
-        lr = m.lr.to_numpy(dtype=float)
-        if np.isfinite(lr).any():
-            return lr
-    try:
-        value = float((run.config.get("optimizer") or {}).get("lr"))
-    except (TypeError, ValueError):
-        value = math.nan
-    return np.full(len(m), value)
+    """One learning rate per metrics row."""
+    lr = learning_rate(run)
+    return lr if isinstance(lr, np.ndarray) else np.full(len(run.metrics), lr)
 
 
 def _edge_of_stability(run) -> list[Finding]:
@@ -254,7 +247,8 @@ def _edge_of_stability(run) -> list[Finding]:
     optimizer = run.config.get("optimizer")
     if "sharpness" not in m.columns or m.empty:
         return []
-    edge = edge_of_stability(optimizer, _learning_rate(run))
+    lr = _learning_rate(run)
+    edge = edge_of_stability(optimizer, lr)
     if edge is None:
         return []
     sharp = m.sharpness.to_numpy(dtype=float)
@@ -273,7 +267,7 @@ def _edge_of_stability(run) -> list[Finding]:
                 int(step[last]),
                 float(ratio.max()),
                 f"The sharpness reached {_fmt(sharp[peak])}, {ratio.max():.3g}x the edge of stability "
-                f"{_fmt(edge[peak])} of this SGD (lr {_fmt(_learning_rate(run)[peak])}), on the {span}: "
+                f"{_fmt(edge[peak])} of this SGD (lr {_fmt(lr[peak])}), on the {span}: "
                 "gradient descent is unstable along the top Hessian direction there, so the loss oscillates "
                 "or the run sits at the edge of stability.",
             )

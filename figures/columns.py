@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from dynamics.analysis import learning_rate, sgd_edge_factor
 from dynamics.run import Run
 from figures import groups as arms
 from figures import style
@@ -38,21 +39,6 @@ def check_columns(runs: list[Run], columns: list[str]) -> None:
         )
 
 
-def learning_rate(run: Run) -> np.ndarray | float:
-    """The run's learning rate: the metrics lr column where recorded (an array, one per row), else
-    config["optimizer"]["lr"] (a float); NaN if neither."""
-    m = run.metrics
-    if "lr" in m.columns:
-        lr = m.lr.to_numpy(dtype=float)
-        if np.isfinite(lr).any():
-            return lr
-    lr = (run.config.get("optimizer") or {}).get("lr")
-    try:
-        return float(lr)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def sgd_edge(run: Run) -> tuple[float, float, str] | None:
     """(c, weight decay, formula) of the edge of stability λmax = c / lr − wd for a run trained with
     torch.optim.SGD (config["optimizer"]: kind, momentum β, dampening τ, nesterov, weight_decay); None for
@@ -73,13 +59,14 @@ def sgd_edge(run: Run) -> tuple[float, float, str] | None:
         return None
     if not (0.0 <= beta < 1.0 and 0.0 <= tau < 1.0 and math.isfinite(wd)):
         return None
+    c, _ = sgd_edge_factor(opt)  # the stability analysis lives with the statistics; the label here
     decay = f" − {wd:g}" if wd else ""
     if beta == 0.0:
-        return 2.0, wd, f"2/lr{decay}"
+        return c, wd, f"2/lr{decay}"
     if opt.get("nesterov"):  # torch allows Nesterov only without dampening
-        return 2 * (1 + beta) / (1 + 2 * beta), wd, f"2(1+β)/(lr(1+2β)){decay}, β = {beta:g}, Nesterov"
+        return c, wd, f"2(1+β)/(lr(1+2β)){decay}, β = {beta:g}, Nesterov"
     over = f"(lr(1−{tau:g}))" if tau else "lr"
-    return 2 * (1 + beta) / (1 - tau), wd, f"2(1+β)/{over}{decay}, β = {beta:g}"
+    return c, wd, f"2(1+β)/{over}{decay}, β = {beta:g}"
 
 
 def _edge_of_stability(ax, groups: list[list[Run]], colors) -> None:

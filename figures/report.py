@@ -525,8 +525,7 @@ class ReportBuilder:
     def _edges_of_stability(self) -> list[dict]:
         """The edge of stability of each SGD run (none for adaptive optimizers): a line, or a curve
         where the learning rate changed."""
-        from dynamics.analysis import edge_of_stability
-        from figures.columns import learning_rate
+        from dynamics.analysis import edge_of_stability, learning_rate
 
         traces = []
         for i, run in enumerate(self.runs):
