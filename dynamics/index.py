@@ -210,23 +210,12 @@ def _last_of(table: pa.Table | pa.RecordBatch) -> tuple[int | None, float]:
 
 
 def _last_batch(path: Path) -> pa.RecordBatch | None:
-    """The last complete record batch of a journal segment (a torn tail is ignored)."""
-    last = None
+    """The last non-empty complete record batch of a journal segment (a torn tail is ignored)."""
     try:
-        with pa.memory_map(str(path)) as source:
-            reader = pa.ipc.open_stream(source)
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowException, OSError):
-                    break
-                if batch.num_rows:
-                    last = batch
-    except (pa.ArrowException, OSError, ValueError):  # empty, or not even a schema written yet
-        return last
-    return last
+        batches = [b for b in journal.read_segment(path) if b.num_rows]
+    except OSError:  # gone (the run closed) or not a file
+        return None
+    return batches[-1] if batches else None
 
 
 def _last_row_journal(journal_dir: Path, table: str) -> tuple[int | None, float]:
@@ -461,10 +450,7 @@ class TableTail:
         if not self.batches:
             return None
         if len(self.batches) > 1:
-            # segments of one table may differ in columns (eval tables take new metrics): null where absent
-            tables = [pa.Table.from_batches([b]) for b in self.batches]
-            combined = pa.concat_tables(tables, promote_options="default").combine_chunks()
-            self.batches = combined.to_batches()
+            self.batches = journal.concat_batches(self.batches).combine_chunks().to_batches()
         return pa.Table.from_batches(self.batches)
 
 

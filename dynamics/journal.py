@@ -45,9 +45,14 @@ def read_table(directory: Path, name: str, schema: pa.Schema | None = None) -> p
     batches = [b for path in segments(directory, name) for b in read_segment(path)]
     if not batches:
         return schema.empty_table() if schema is not None else None
+    return concat_batches(batches)
+
+
+def concat_batches(batches: list[pa.RecordBatch]) -> pa.Table:
+    """Record batches as one table; batches with other columns (eval rows logged with other metrics) are
+    unified, a missing column null."""
     if all(b.schema == batches[0].schema for b in batches):
         return pa.Table.from_batches(batches)
-    # eval rows logged with different metrics: one table, a missing metric is null
     return pa.concat_tables([pa.Table.from_batches([b]) for b in batches], promote_options="default")
 
 
