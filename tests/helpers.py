@@ -135,3 +135,27 @@ def save_load(state):
     torch.save(state, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def dyn_in_process(*args) -> tuple[int, str]:
+    """(exit code, stderr) of ``dyn ARGS...`` run as the console script runs it, in this process (a fresh
+    process would cost seconds of imports)."""
+    import contextlib
+    import io
+    import signal
+    import sys
+    from unittest import mock
+
+    from cli.errors import run_group
+    from cli.main import dyn
+
+    err, sigterm = io.StringIO(), signal.getsignal(signal.SIGTERM)
+    with mock.patch.object(sys, "argv", ["dyn", *map(str, args)]), contextlib.redirect_stderr(err):
+        try:
+            run_group(dyn)
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)  # run_group installs its own handler
+    return code, err.getvalue()

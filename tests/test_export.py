@@ -4,7 +4,6 @@ tensorboard's EventAccumulator and compared with the run's own tables (float32 i
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from click.testing import CliRunner
 from cli.export import export, masked_crc32c_many
 from dynamics import Recorder, load_run
 from dynamics.run import save_run
-from tests.helpers import batches, make_model
+from tests.helpers import batches, dyn_in_process, make_model
 
 
 def record(run_dir, steps: int = 12, close: bool = True, name: str | None = None) -> Recorder:
@@ -131,7 +130,7 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cli.export.os, "fsync", full)
-    code, stderr = dyn_here("export", tmp_path / "run", "--tensorboard", tmp_path / "tb")
+    code, stderr = dyn_in_process("export", tmp_path / "run", "--tensorboard", tmp_path / "tb")
     assert code == 1 and len(stderr.splitlines()) == 1 and "the disk is full" in stderr, stderr
     assert list((tmp_path / "tb").iterdir()) == []  # no event file, no temporary file, no run folder
 
@@ -142,29 +141,6 @@ def test_checksums_equal_tensorboards():
     rng = np.random.default_rng(0)
     chunks = [rng.bytes(int(n)) for n in rng.integers(0, 400, 500)] + [b"", b"a", b"ab", b"abc", rng.bytes(5000)]
     assert masked_crc32c_many(chunks).tolist() == [masked_crc32c(c) for c in chunks]
-
-
-def dyn_here(*args) -> tuple[int, str]:
-    """(exit code, stderr) of ``dyn ARGS...`` run as the console script runs it, in this process (a fresh
-    process would cost seconds of imports)."""
-    import contextlib
-    import io
-    import signal
-    from unittest import mock
-
-    from cli.errors import run_group
-    from cli.main import dyn
-
-    err, sigterm = io.StringIO(), signal.getsignal(signal.SIGTERM)
-    with mock.patch.object(sys, "argv", ["dyn", *map(str, args)]), contextlib.redirect_stderr(err):
-        try:
-            run_group(dyn)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)  # run_group installs its own handler
-    return code, err.getvalue()
 
 
 def read_only_folder(folder):
@@ -202,7 +178,7 @@ def bad(tmp_path_factory):
     }
     if unwritable is not None:
         jobs["read_only"] = (good, "--tensorboard", unwritable / "dyn-tb")
-    results = {key: dyn_here("export", *args) for key, args in jobs.items()}
+    results = {key: dyn_in_process("export", *args) for key, args in jobs.items()}
     yield root, results
     ro.chmod(0o755)
 

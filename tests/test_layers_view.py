@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 from dynamics.run import load_run, save_run  # noqa: E402
 from figures.layers import group_layers, layers_figure  # noqa: E402
-from tests.test_export import dyn_here  # noqa: E402
+from tests.helpers import dyn_in_process  # noqa: E402
 
 BLOCK = [
     "ln_1.weight",
@@ -236,7 +236,7 @@ BAD = {
 @pytest.fixture(scope="module")
 def bad_results(gpt2_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad")
-    return out, {k: dyn_here("plot", gpt2_run, *args, "--out", out / f"{k}.png") for k, (args, _) in BAD.items()}
+    return out, {k: dyn_in_process("plot", gpt2_run, *args, "--out", out / f"{k}.png") for k, (args, _) in BAD.items()}
 
 
 @pytest.mark.parametrize("key", list(BAD))

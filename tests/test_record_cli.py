@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CLI_ENV, dyn
+from helpers import CLI_ENV, dyn, dyn_in_process
 
 from dynamics import load_run
 
@@ -163,24 +163,12 @@ QUICK = ["--data", "synthetic", "--hidden", "8", "--train-mixtures", "8", "--eva
 
 
 @pytest.fixture
-def dyn_here(monkeypatch, capsys):
+def dyn_here():
     """`dyn ARGS...` in this process, through the same entry point as the command line: (exit code, stderr lines)."""
-    import signal as signals
-
-    from cli.main import main
-
-    handler = signals.getsignal(signals.SIGTERM)
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["dyn", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code
-        finally:
-            signals.signal(signals.SIGTERM, handler)  # run_group installs its own
-        return code, capsys.readouterr().err.strip().splitlines()
+        code, err = dyn_in_process(*args)
+        return code, err.strip().splitlines()
 
     return run
 
