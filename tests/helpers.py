@@ -159,3 +159,22 @@ def dyn_in_process(*args) -> tuple[int, str]:
         finally:
             signal.signal(signal.SIGTERM, sigterm)  # run_group installs its own handler
     return code, err.getvalue()
+
+
+def mse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def sgd_recorder(tmp_path, name: str = "run", model: torch.nn.Module | None = None, **kw):
+    """(model, optimizer, Recorder): make_model() (or ``model``) under SGD lr 0.05, recording into tmp_path/name."""
+    from dynamics import Recorder
+
+    model = model or make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return model, opt, Recorder(model, opt, tmp_path / name, **kw)
+
+
+def train_recorded(rec, model: torch.nn.Module, data) -> None:
+    """rec.step() on every (x, y) of ``data`` with the mean squared error."""
+    for x, y in data:
+        rec.step(lambda x=x, y=y: mse(model, x, y))

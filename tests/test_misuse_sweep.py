@@ -16,27 +16,12 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import batches, make_model
+from helpers import batches, make_model, mse, sgd_recorder, train_recorded
 
 from autoclip import AutoClip, wrap
 from dynamics import Recorder, RunError, load_run, save_run
 from dynamics.errors import ArgumentTypeError, CallOrderError, DynamicsError
 from dynamics.quantities import DistanceFromInit, Quantity, StepSize, UpdateCosine
-
-
-def _loss(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
-
-
-def _recorder(tmp_path, name="run", model=None, **kw):
-    model = model or make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    return model, opt, Recorder(model, opt, tmp_path / name, **kw)
-
-
-def _train(rec, model, data):
-    for x, y in data:
-        rec.step(lambda x=x, y=y: _loss(model, x, y))
 
 
 def _rows(path):
@@ -59,8 +44,8 @@ class _Const(Quantity):
 
 
 def test_a_refused_resume_leaves_the_run_unlocked_for_the_next_try_in_the_same_process(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     rec.checkpoint()
     state = rec.release()
     with pytest.raises(DynamicsError) as kept:  # kept alive, with the failed Recorder in its traceback
@@ -82,10 +67,10 @@ def test_a_dead_run_without_a_readable_config_is_replaced_with_overwrite(tmp_pat
         run_dir.mkdir()
         (run_dir / ".lock").write_text("")
         (run_dir / "config.json.tmp").write_text("{")
-        model, _, rec = _recorder(tmp_path, every=2)  # a new run may go there, overwrite or not
+        model, _, rec = sgd_recorder(tmp_path, every=2)  # a new run may go there, overwrite or not
     else:
-        model, opt, dead = _recorder(tmp_path, every=2)
-        _train(dead, model, batches(2))
+        model, opt, dead = sgd_recorder(tmp_path, every=2)
+        train_recorded(dead, model, batches(2))
         dead.checkpoint()
         dead.run.release()  # the process died
         (run_dir / "config.json").unlink()
@@ -94,7 +79,7 @@ def test_a_dead_run_without_a_readable_config_is_replaced_with_overwrite(tmp_pat
         with pytest.raises(RunError, match="overwrite=True"):
             Recorder(model, opt, run_dir, every=2)
         rec = Recorder(model, opt, run_dir, every=2, overwrite=True)
-    _train(rec, model, batches(2))
+    train_recorded(rec, model, batches(2))
     rec.close()
     assert load_run(run_dir).steps.step.tolist() == [1, 2]
 
@@ -125,10 +110,10 @@ def test_overwrite_still_never_replaces_a_folder_with_files_dyn_did_not_write(tm
 def test_a_refused_state_cuts_no_journal_row_and_changes_no_clipper(tmp_path, change, match):
     model = make_model()
     clipper = AutoClip(model.parameters(), p=30)
-    _, _, rec = _recorder(tmp_path, model=model, every=2, clipper=clipper, quantities=[DistanceFromInit()])
-    _train(rec, model, batches(4))
+    _, _, rec = sgd_recorder(tmp_path, model=model, every=2, clipper=clipper, quantities=[DistanceFromInit()])
+    train_recorded(rec, model, batches(4))
     state = rec.state_dict()
-    _train(rec, model, batches(2, seed=3))
+    train_recorded(rec, model, batches(2, seed=3))
     history = clipper.state_dict()["histories"][0].sort().values
     with pytest.raises(DynamicsError, match=match):
         rec.load_state_dict(change(state))
@@ -153,8 +138,8 @@ def test_a_refused_state_cuts_no_journal_row_and_changes_no_clipper(tmp_path, ch
     ],
 )
 def test_malformed_state_fields_are_refused_by_name(tmp_path, change, match):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(2))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(2))
     state = rec.release()
     with pytest.raises(DynamicsError, match=match):
         Recorder(model, opt, tmp_path / "run", every=2, resume=change(state))
@@ -178,8 +163,8 @@ def _edit_checkpoint(path, change):
     ],
 )
 def test_damaged_or_foreign_checkpoints_are_refused_as_run_errors(tmp_path, change, match):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(2))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(2))
     rec.checkpoint()
     rec.release()
     _edit_checkpoint(tmp_path / "run" / "checkpoint.pt", change)
@@ -188,12 +173,12 @@ def test_damaged_or_foreign_checkpoints_are_refused_as_run_errors(tmp_path, chan
 
 
 def test_a_journal_cut_under_its_writer_is_refused_at_close_and_left_unlocked(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     rec.checkpoint()
     for segment in (tmp_path / "run" / "journal").glob("steps.*.arrows"):
         os.truncate(segment, 50)  # the writer goes on at its offset: zeros where rows were
-    _train(rec, model, batches(2, seed=3))
+    train_recorded(rec, model, batches(2, seed=3))
     with pytest.raises(RunError, match="damaged"):
         rec.close()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "running"
@@ -216,20 +201,20 @@ def test_python_floats_keep_their_float64_bits_in_quantity_columns(tmp_path):
 
 
 def test_a_value_beyond_float32_is_refused_for_a_float32_column(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=1, quantities=[_Const(1e300, "float32")])
+    model, _, rec = sgd_recorder(tmp_path, every=1, quantities=[_Const(1e300, "float32")])
     x, y = batches(1)[0]
     with pytest.raises(DynamicsError, match="beyond float32's range"):
-        rec.step(lambda: _loss(model, x, y))
+        rec.step(lambda: mse(model, x, y))
 
 
 def test_a_loss_that_is_not_one_real_number_is_refused_and_a_numpy_scalar_is_a_number(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=1)
+    model, opt, rec = sgd_recorder(tmp_path, every=1)
     x, y = batches(1)[0]
 
     def through_backward():
         rec.begin()
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        mse(model, x, y).backward()
         rec.after_backward()
         opt.step()
 
@@ -241,7 +226,7 @@ def test_a_loss_that_is_not_one_real_number_is_refused_and_a_numpy_scalar_is_a_n
     with pytest.raises(ArgumentTypeError, match="reduce it"):
         rec.step(lambda: (model(x) - y).pow(2))
     with pytest.raises(ArgumentTypeError, match="does not require grad"):
-        rec.step(lambda: _loss(model, x, y).detach())
+        rec.step(lambda: mse(model, x, y).detach())
     assert not rec.in_step  # the refused steps are forgotten
     rec.close()
     assert load_run(tmp_path / "run").steps.loss.tolist() == [0.5]
@@ -251,11 +236,11 @@ def test_a_loss_that_is_not_one_real_number_is_refused_and_a_numpy_scalar_is_a_n
     "closure", [lambda: 0.5, lambda: torch.ones(3, requires_grad=True) * 2, lambda: torch.ones(())]
 )
 def test_a_closure_that_returns_no_loss_is_named_as_the_closures_fault(tmp_path, closure):
-    model, opt, rec = _recorder(tmp_path, every=1)
+    model, opt, rec = sgd_recorder(tmp_path, every=1)
     x, y = batches(1)[0]
     rec.begin()
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mse(model, x, y).backward()
     rec.after_backward()
     opt.step()
     with pytest.raises(DynamicsError, match="the step's closure"):
@@ -266,7 +251,7 @@ def test_a_closure_that_returns_no_loss_is_named_as_the_closures_fault(tmp_path,
 
 
 def test_state_calls_after_close_or_inside_a_step_and_a_non_dict_extra_are_refused(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=2)
+    model, _, rec = sgd_recorder(tmp_path, every=2)
     rec.begin()
     with pytest.raises(CallOrderError, match="middle of a step"):
         rec.state_dict()
@@ -276,7 +261,7 @@ def test_state_calls_after_close_or_inside_a_step_and_a_non_dict_extra_are_refus
             rec.checkpoint(extra=extra)
     with pytest.raises(ArgumentTypeError, match="extra must be a dict"):
         rec.close(extra=5)
-    _train(rec, model, batches(2))
+    train_recorded(rec, model, batches(2))
     state = rec.state_dict()
     rec.close()
     with pytest.raises(CallOrderError, match="closed"):
@@ -286,7 +271,7 @@ def test_state_calls_after_close_or_inside_a_step_and_a_non_dict_extra_are_refus
 
 
 def test_a_second_thread_is_named_whatever_phase_the_step_is_in(tmp_path):
-    _, _, rec = _recorder(tmp_path)
+    _, _, rec = sgd_recorder(tmp_path)
     rec.begin()
     errors = []
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(CallOrderError, rec.end, None)))
@@ -310,14 +295,14 @@ def test_quantities_must_be_a_list_and_a_wrapped_optimizer_is_refused_with_the_f
 
 
 def test_log_eval_at_one_step_merges_into_one_row_keeping_every_metric(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=1)
-    _train(rec, model, batches(2))
+    model, opt, rec = sgd_recorder(tmp_path, every=1)
+    train_recorded(rec, model, batches(2))
     rec.log_eval(a=1, b=3)
     rec.log_eval(a=0.5)  # the same step: the latest a, the b already logged
     state = rec.release()
     rec = Recorder(model, opt, tmp_path / "run", every=1, resume=state)
     rec.log_eval(c=2.0)  # still step 2, after a resume
-    _train(rec, model, batches(1))
+    train_recorded(rec, model, batches(1))
     rec.log_eval(a=4.0)
     rec.close()
     frame = load_run(tmp_path / "run").eval
@@ -326,7 +311,7 @@ def test_log_eval_at_one_step_merges_into_one_row_keeping_every_metric(tmp_path)
 
 
 def test_log_eval_refuses_a_nameless_metric_and_an_integer_float64_cannot_hold(tmp_path):
-    _, _, rec = _recorder(tmp_path)
+    _, _, rec = sgd_recorder(tmp_path)
     with pytest.raises(DynamicsError, match="needs a name"):
         rec.log_eval(**{"": 1.0})
     with pytest.raises(DynamicsError, match="2\\*\\*53"):
@@ -337,8 +322,8 @@ def test_log_eval_refuses_a_nameless_metric_and_an_integer_float64_cannot_hold(t
 
 
 def test_quantity_states_of_other_shapes_are_refused_when_loaded(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2, quantities=[UpdateCosine(), DistanceFromInit()])
-    _train(rec, model, batches(2))
+    model, opt, rec = sgd_recorder(tmp_path, every=2, quantities=[UpdateCosine(), DistanceFromInit()])
+    train_recorded(rec, model, batches(2))
     state = rec.release()
     wrong = {"update_cosine": {"previous": [torch.ones(3)]}, "distance_from_init": {"initial": [torch.ones(2)] * 6}}
     for name, value in wrong.items():
@@ -452,8 +437,8 @@ def test_whole_numbers_in_a_float_column_still_read_as_integers(tmp_path):
 
 
 def _running(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, _, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     rec.checkpoint()
     rec.release()
     return tmp_path / "run"

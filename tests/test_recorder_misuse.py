@@ -9,27 +9,12 @@ import warnings
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import assert_equal_params, batches, make_model
+from helpers import assert_equal_params, batches, make_model, mse, sgd_recorder, train_recorded
 
 from autoclip import AutoClip, wrap
 from dynamics import Recorder, RunError, load_run
 from dynamics.errors import ArgumentTypeError, CallOrderError, DynamicsError
 from dynamics.quantities import Quantity
-
-
-def _loss(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
-
-
-def _recorder(tmp_path, name="run", **kw):
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    return model, opt, Recorder(model, opt, tmp_path / name, **kw)
-
-
-def _train(rec, model, data):
-    for x, y in data:
-        rec.step(lambda x=x, y=y: _loss(model, x, y))
 
 
 class _Const(Quantity):
@@ -49,11 +34,11 @@ class _Const(Quantity):
 
 
 def test_log_eval_with_another_set_of_keys_keeps_every_row(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=2)
+    model, _, rec = sgd_recorder(tmp_path, every=2)
     data = batches(4)
-    _train(rec, model, data[:2])
+    train_recorded(rec, model, data[:2])
     rec.log_eval(accuracy=0.5)
-    _train(rec, model, data[2:])
+    train_recorded(rec, model, data[2:])
     rec.log_eval(accuracy=0.75, f1=0.25)
     running = load_run(tmp_path / "run").eval  # read from the journal while running
     rec.close()
@@ -64,7 +49,7 @@ def test_log_eval_with_another_set_of_keys_keeps_every_row(tmp_path):
 
 
 def test_log_eval_refuses_an_empty_row_a_step_and_non_numbers(tmp_path):
-    _, _, rec = _recorder(tmp_path)
+    _, _, rec = sgd_recorder(tmp_path)
     with pytest.raises(DynamicsError, match="at least one metric"):
         rec.log_eval()
     with pytest.raises(DynamicsError, match="step is the Recorder's own"):
@@ -76,10 +61,10 @@ def test_log_eval_refuses_an_empty_row_a_step_and_non_numbers(tmp_path):
 
 
 def test_a_deleted_journal_is_refused_at_close_instead_of_finishing_empty(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, _, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     rec.checkpoint()
-    _train(rec, model, batches(2, seed=5))
+    train_recorded(rec, model, batches(2, seed=5))
     shutil.rmtree(tmp_path / "run" / "journal")
     with pytest.raises(RunError, match="missing"):
         rec.close()
@@ -90,8 +75,8 @@ def test_a_deleted_journal_is_refused_at_close_instead_of_finishing_empty(tmp_pa
 
 def test_an_int64_column_keeps_two_to_the_53_plus_one(tmp_path):
     big = 2**53 + 1
-    model, _, rec = _recorder(tmp_path, every=2, quantities=[_Const(torch.tensor(big), "int64")])
-    _train(rec, model, batches(2))
+    model, _, rec = sgd_recorder(tmp_path, every=2, quantities=[_Const(torch.tensor(big), "int64")])
+    train_recorded(rec, model, batches(2))
     rec.close()
     assert load_run(tmp_path / "run").metrics.c.tolist() == [big]
 
@@ -101,10 +86,10 @@ def test_an_int64_column_keeps_two_to_the_53_plus_one(tmp_path):
     [(2.7, "int64", "whole numbers"), (0.3, "bool", "0/1"), (torch.tensor([2.0, 3.0]), "float64", "shape")],
 )
 def test_a_value_its_column_cannot_hold_is_refused_not_coerced(tmp_path, value, kind, match):
-    model, _, rec = _recorder(tmp_path, every=1, quantities=[_Const(value, kind)])
+    model, _, rec = sgd_recorder(tmp_path, every=1, quantities=[_Const(value, kind)])
     x, y = batches(1)[0]
     with pytest.raises(DynamicsError, match=match):
-        rec.step(lambda: _loss(model, x, y))
+        rec.step(lambda: mse(model, x, y))
 
 
 def test_a_2x2_tensor_does_not_fill_a_4_row_layers_column(tmp_path):
@@ -130,17 +115,17 @@ class _Keys(Quantity):
 
 @pytest.mark.parametrize("result", [{"b": 1.0}, {"a": 1.0, "extra": 2.0}, [1.0]])
 def test_a_quantity_returning_wrong_or_extra_keys_is_named(tmp_path, result):
-    model, _, rec = _recorder(tmp_path, every=1, quantities=[_Keys(result)])
+    model, _, rec = sgd_recorder(tmp_path, every=1, quantities=[_Keys(result)])
     x, y = batches(1)[0]
     with pytest.raises(DynamicsError, match="_Keys.compute returned"):
-        rec.step(lambda: _loss(model, x, y))
+        rec.step(lambda: mse(model, x, y))
 
 
 def test_empty_column_names_are_refused(tmp_path):
     q = _Const(1.0)
     q.columns = {"": "float64"}
     with pytest.raises(DynamicsError, match="non-empty strings"):
-        _recorder(tmp_path, quantities=[q])
+        sgd_recorder(tmp_path, quantities=[q])
 
 
 class _Mover(Quantity):
@@ -153,15 +138,15 @@ class _Mover(Quantity):
 
 
 def test_a_quantity_that_moves_the_live_parameters_is_refused_and_they_are_restored(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=1, quantities=[_Mover()])
+    model, _, rec = sgd_recorder(tmp_path, every=1, quantities=[_Mover()])
     x, y = batches(1)[0]
     reference = make_model()
     opt = torch.optim.SGD(reference.parameters(), lr=0.05)
     opt.zero_grad()
-    _loss(reference, x, y).backward()
+    mse(reference, x, y).backward()
     opt.step()
     with pytest.raises(DynamicsError, match="changed the live parameters"):
-        rec.step(lambda: _loss(model, x, y))
+        rec.step(lambda: mse(model, x, y))
     assert_equal_params(list(model.parameters()), list(reference.parameters()))
 
 
@@ -174,12 +159,12 @@ class _Broken(Quantity):
 
 
 def test_a_failing_quantity_fails_the_step_by_name_and_leaves_the_run_resumable(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2, quantities=[*Recorder.default_quantities(), _Broken(every=4)])
+    model, opt, rec = sgd_recorder(tmp_path, every=2, quantities=[*Recorder.default_quantities(), _Broken(every=4)])
     data = batches(4)
-    _train(rec, model, data[:2])
+    train_recorded(rec, model, data[:2])
     rec.checkpoint()
     with pytest.raises(DynamicsError, match="quantity 'broken' failed at step 4"):
-        _train(rec, model, data[2:])
+        train_recorded(rec, model, data[2:])
     rec.release()
     resumed = Recorder(model, opt, tmp_path / "run", every=2, resume=True)
     assert resumed.t == 2
@@ -198,8 +183,8 @@ def test_the_same_autoclip_in_wrap_and_in_the_recorder_is_refused(tmp_path):
 
 
 def test_resuming_with_another_every_is_refused(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     state = rec.release()
     with pytest.raises(RunError, match="every=2"):
         Recorder(model, opt, tmp_path / "run", every=3, resume=state)
@@ -217,8 +202,8 @@ def test_resuming_with_another_every_is_refused(tmp_path):
     ],
 )
 def test_resume_states_with_missing_keys_or_from_the_future_are_refused(tmp_path, change, match):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(2))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(2))
     state = rec.release()
     change(state)
     with pytest.raises(DynamicsError, match=match):
@@ -228,8 +213,8 @@ def test_resume_states_with_missing_keys_or_from_the_future_are_refused(tmp_path
 def test_garbage_quantity_state_is_refused_by_name(tmp_path):
     from dynamics.quantities import DistanceFromInit
 
-    model, opt, rec = _recorder(tmp_path, every=2, quantities=[DistanceFromInit()])
-    _train(rec, model, batches(2))
+    model, opt, rec = sgd_recorder(tmp_path, every=2, quantities=[DistanceFromInit()])
+    train_recorded(rec, model, batches(2))
     state = rec.release()
     state["quantities"]["distance_from_init"] = {"initial": "garbage"}
     with pytest.raises(DynamicsError, match="distance_from_init"):
@@ -254,7 +239,7 @@ def test_wrong_types_get_the_librarys_exception_naming_the_fix(tmp_path):
 
 
 def test_a_closure_returning_a_float_and_a_vector_loss_are_refused(tmp_path):
-    model, _, rec = _recorder(tmp_path)
+    model, _, rec = sgd_recorder(tmp_path)
     with pytest.raises(ArgumentTypeError, match="return the loss as a tensor"):
         rec.step(lambda: 0.5)
     assert not rec.in_step  # the broken step is forgotten, the Recorder goes on
@@ -268,7 +253,7 @@ def test_a_closure_returning_a_float_and_a_vector_loss_are_refused(tmp_path):
 
 
 def test_negative_or_fractional_epochs_are_refused(tmp_path):
-    _, _, rec = _recorder(tmp_path)
+    _, _, rec = sgd_recorder(tmp_path)
     with pytest.raises(DynamicsError):
         rec.begin(epoch=-1)
     with pytest.raises(DynamicsError):
@@ -276,7 +261,7 @@ def test_negative_or_fractional_epochs_are_refused(tmp_path):
 
 
 def test_two_threads_stepping_one_recorder_are_refused(tmp_path):
-    model, _, rec = _recorder(tmp_path)
+    model, _, rec = sgd_recorder(tmp_path)
     rec.begin()
     errors = []
 
@@ -308,15 +293,15 @@ def test_an_optimizer_of_some_parameters_warns_and_a_clipper_of_another_model_is
 
 
 def test_overwrite_replaces_a_dead_run_and_refuses_a_live_one(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, opt, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     with pytest.raises(RunError, match="being recorded by another process"):
         Recorder(model, opt, tmp_path / "run", overwrite=True)
     with pytest.raises(RunError, match="already holds a run"):
         Recorder(model, opt, tmp_path / "run")
     rec.run.release()  # the recording process died: the OS dropped its lock
     fresh = Recorder(model, opt, tmp_path / "run", every=2, overwrite=True)
-    _train(fresh, model, batches(2))
+    train_recorded(fresh, model, batches(2))
     fresh.close()
     run = load_run(tmp_path / "run")
     assert run.steps.step.tolist() == [1, 2] and run.config["run_id"] == fresh.config["run_id"]
@@ -336,9 +321,9 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path):
 
 def test_loggers_get_each_metrics_row_without_nan_and_training_is_unchanged(tmp_path):
     logged = []
-    model, _, rec = _recorder(tmp_path, every=3, probes=0, loggers=[lambda m, s: logged.append((s, m))])
+    model, _, rec = sgd_recorder(tmp_path, every=3, probes=0, loggers=[lambda m, s: logged.append((s, m))])
     data = batches(9)
-    _train(rec, model, data)
+    train_recorded(rec, model, data)
     rec.close()
     metrics = load_run(tmp_path / "run").metrics
     assert [s for s, _ in logged] == metrics.step.tolist() == [3, 6, 9]
@@ -350,7 +335,7 @@ def test_loggers_get_each_metrics_row_without_nan_and_training_is_unchanged(tmp_
     opt = torch.optim.SGD(reference.parameters(), lr=0.05)
     for x, y in data:
         opt.zero_grad()
-        _loss(reference, x, y).backward()
+        mse(reference, x, y).backward()
         opt.step()
     assert_equal_params(list(model.parameters()), list(reference.parameters()))
 
@@ -362,9 +347,9 @@ def test_a_logger_that_raises_is_warned_about_once_and_dropped(tmp_path):
         calls.append(step)
         raise ConnectionError("server gone")
 
-    model, _, rec = _recorder(tmp_path, every=2, loggers=[broken])
+    model, _, rec = sgd_recorder(tmp_path, every=2, loggers=[broken])
     with pytest.warns(UserWarning, match="server gone") as caught:
-        _train(rec, model, batches(6))
+        train_recorded(rec, model, batches(6))
     rec.close()
     assert calls == [2] and len([w for w in caught if "server gone" in str(w.message)]) == 1
     assert len(load_run(tmp_path / "run").metrics) == 3
@@ -374,9 +359,9 @@ def test_clip_rate_is_the_fraction_of_clipped_steps_since_the_previous_record(tm
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = Recorder(model, opt, tmp_path / "run", every=5, clipper=AutoClip(model.parameters(), p=30))
-    _train(rec, model, batches(20))
+    train_recorded(rec, model, batches(20))
     rec.checkpoint()  # a checkpoint between record steps must not reset the count
-    _train(rec, model, batches(3, seed=4))
+    train_recorded(rec, model, batches(3, seed=4))
     rec.close()
     run = load_run(tmp_path / "run")
     clipped = run.steps.set_index("step").clipped
@@ -390,10 +375,10 @@ def test_clip_rate_survives_a_resume_between_record_steps(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     clipper = AutoClip(model.parameters(), p=30)
     rec = Recorder(model, opt, tmp_path / "b", every=4, clipper=clipper)
-    _train(rec, model, batches(6))
+    train_recorded(rec, model, batches(6))
     state = rec.release()
     rec = Recorder(model, opt, tmp_path / "b", every=4, clipper=clipper, resume=state)
-    _train(rec, model, batches(2, seed=9))
+    train_recorded(rec, model, batches(2, seed=9))
     rec.close()
     run = load_run(tmp_path / "b")
     clipped = run.steps.set_index("step").clipped
@@ -401,8 +386,8 @@ def test_clip_rate_survives_a_resume_between_record_steps(tmp_path):
 
 
 def test_every_parquet_file_carries_the_config_with_its_run_id(tmp_path):
-    model, _, rec = _recorder(tmp_path, every=2)
-    _train(rec, model, batches(4))
+    model, _, rec = sgd_recorder(tmp_path, every=2)
+    train_recorded(rec, model, batches(4))
     rec.log_eval(accuracy=1.0)
     rec.close()
     for table in ("metrics", "steps", "layers", "eval"):
@@ -423,13 +408,13 @@ class _MicroSum(Quantity):
 
 
 def test_micro_batch_snapshots_the_accumulated_gradients_on_record_steps_only(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=2, quantities=[_MicroSum()])
+    model, opt, rec = sgd_recorder(tmp_path, every=2, quantities=[_MicroSum()])
     data = batches(12)
     for t in range(4):
         rec.begin()
         opt.zero_grad()
         for x, y in data[3 * t : 3 * t + 3]:
-            (_loss(model, x, y) / 3).backward()
+            (mse(model, x, y) / 3).backward()
             rec.micro_batch()
         assert len(rec._state.micro_grads) == (3 if rec.recording else 0)
         rec.after_backward()
@@ -441,13 +426,13 @@ def test_micro_batch_snapshots_the_accumulated_gradients_on_record_steps_only(tm
 
 
 def test_recording_says_which_steps_record(tmp_path):
-    model, opt, rec = _recorder(tmp_path, every=3)
+    model, opt, rec = sgd_recorder(tmp_path, every=3)
     seen = []
     for x, y in batches(6):
         rec.begin()
         seen.append(rec.recording)
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        mse(model, x, y).backward()
         rec.after_backward()
         opt.step()
         rec.end(None)
@@ -459,6 +444,6 @@ def test_recording_says_which_steps_record(tmp_path):
 def test_no_warning_for_a_plain_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model, _, rec = _recorder(tmp_path, every=2)
-        _train(rec, model, batches(2))
+        model, _, rec = sgd_recorder(tmp_path, every=2)
+        train_recorded(rec, model, batches(2))
         rec.close()
