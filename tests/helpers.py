@@ -178,3 +178,92 @@ def train_recorded(rec, model: torch.nn.Module, data) -> None:
     """rec.step() on every (x, y) of ``data`` with the mean squared error."""
     for x, y in data:
         rec.step(lambda x=x, y=y: mse(model, x, y))
+
+
+# -- scenarios on two gloo processes: the test file runs itself as each rank --------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_scenarios(rank: int, out_dir, world: int, scenarios: dict, *args) -> None:
+    """The worker side: join the gloo group, run each ``scenario(*args)`` in order and pickle its result
+    (or its traceback) to OUT_DIR/NAME.rankR.pkl. A failure on every rank (a deterministic bug) leaves the
+    ranks in step: it is recorded and the next scenario runs."""
+    import datetime
+    import pickle
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        for name, scenario in scenarios.items():
+            try:
+                result = {"ok": scenario(*args)}
+            except Exception:
+                result = {"error": traceback.format_exc()}
+            with open(Path(out_dir) / f"{name}.rank{rank}.pkl", "wb") as f:
+                pickle.dump(result, f)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(script, out_dir, world: int, timeout_s: float):
+    """The parent side: run ``python SCRIPT RANK OUT_DIR`` for every rank, wait (killing them all if one
+    dies or the time runs out), keep each rank's output in OUT_DIR/rankR.log; returns OUT_DIR."""
+    import time
+
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    procs = []
+    for rank in range(world):
+        log = open(out_dir / f"rank{rank}.log", "wb")  # closed below
+        command = [sys.executable, os.path.abspath(script), str(rank), str(out_dir)]
+        procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(proc.poll() is None for proc, _ in procs) and time.monotonic() < deadline:
+            if any(proc.poll() not in (None, 0) for proc, _ in procs):  # one died: the other would hang
+                deadline = min(deadline, time.monotonic() + 5)
+            time.sleep(0.05)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return out_dir
+
+
+def scenario_results(out_dir, name: str, world: int) -> list:
+    """Scenario ``name``'s result on every rank, or a test failure that shows the worker's traceback or log."""
+    import pickle
+
+    import pytest
+
+    results = []
+    for rank in range(world):
+        path = out_dir / f"{name}.rank{rank}.pkl"
+        if not path.exists():
+            log = (out_dir / f"rank{rank}.log").read_text(errors="replace")[-4000:]
+            pytest.fail(f"scenario {name!r} left no result on rank {rank}; worker log:\n{log}")
+        result = pickle.loads(path.read_bytes())
+        if "error" in result:
+            pytest.fail(f"scenario {name!r} raised on rank {rank}:\n{result['error']}")
+        results.append(result["ok"])
+    return results

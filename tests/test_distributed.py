@@ -13,15 +13,8 @@ nothing depends on how pytest imported the module.
 from __future__ import annotations
 
 import copy
-import datetime
 import math
-import os
-import pickle
-import socket
-import subprocess
 import sys
-import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_scenarios, scenario_results, spawn_ranks
 
 WORLD = 2
 P = 10.0
@@ -285,87 +279,20 @@ SCENARIOS = {
 
 
 def _worker(rank: int, out_dir: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )  # MASTER_ADDR / MASTER_PORT from the environment
-    try:
-        for name, scenario in SCENARIOS.items():
-            # A failure on both ranks (a deterministic bug) leaves them in step: record it, go on.
-            try:
-                result = {"ok": scenario(rank)}
-            except Exception:
-                result = {"error": traceback.format_exc()}
-            with open(out_dir / f"{name}.rank{rank}.pkl", "wb") as f:
-                pickle.dump(result, f)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(rank, out_dir, WORLD, SCENARIOS, rank)
 
 
 # -- the parent side -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Start the two workers once, wait for them, return the folder of their result files."""
-    out_dir = tmp_path_factory.mktemp("distributed")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    procs = []
-    for rank in range(WORLD):
-        log = open(out_dir / f"rank{rank}.log", "wb")  # closed below
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), str(rank), str(out_dir)],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while any(proc.poll() is None for proc, _ in procs) and time.monotonic() < deadline:
-            if any(proc.poll() not in (None, 0) for proc, _ in procs):  # one died: the other would hang
-                deadline = min(deadline, time.monotonic() + 5)
-            time.sleep(0.05)
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    return out_dir
+    return spawn_ranks(__file__, tmp_path_factory.mktemp("distributed"), WORLD, TIMEOUT_S)
 
 
 def _results(out_dir: Path, name: str) -> list:
-    """Scenario ``name``'s result on every rank, or a failure that shows the worker's traceback/log."""
-    results = []
-    for rank in range(WORLD):
-        path = out_dir / f"{name}.rank{rank}.pkl"
-        if not path.exists():
-            log = (out_dir / f"rank{rank}.log").read_text(errors="replace")[-4000:]
-            pytest.fail(f"scenario {name!r} left no result on rank {rank}; worker log:\n{log}")
-        with open(path, "rb") as f:
-            result = pickle.load(f)
-        if "error" in result:
-            pytest.fail(f"scenario {name!r} raised on rank {rank}:\n{result['error']}")
-        results.append(result["ok"])
-    return results
+    return scenario_results(out_dir, name, WORLD)
 
 
 def _assert_rel(actual, expected, rtol: float, what: str) -> None:

@@ -4,7 +4,6 @@ cannot form ends in one line."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import free_port
 
 from cli.record import record
 from dynamics import load_run
@@ -49,12 +49,6 @@ TASK = [
     "float64",
 ]
 RUN_FILES = ["checkpoint.pt", "config.json", "eval.parquet", "layers.parquet", "metrics.parquet", "steps.parquet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args, **kw) -> subprocess.Popen:
@@ -116,7 +110,7 @@ def runs(tmp_path_factory):
     """One process with batch 4, and two nodes (torchrun agents) with batch 2 each, trained at once."""
     base = tmp_path_factory.mktemp("nodes")
     single = _start(["-m", "cli", "record", *TASK, "--batch-size", "4", "--out", base / "one"])
-    nodes = _torchrun_nodes(_free_port(), [*TASK, "--batch-size", "2", "--out", base / "two"])
+    nodes = _torchrun_nodes(free_port(), [*TASK, "--batch-size", "2", "--out", base / "two"])
     outputs = _finish([*nodes, single])
     return {"one": load_run(base / "one"), "two": load_run(base / "two"), "stdout": [o for o, _ in outputs[:2]]}
 
@@ -176,7 +170,7 @@ def _lock_is_free(run_dir: Path) -> bool:
 def test_a_two_node_run_killed_on_both_nodes_resumes_exactly(runs, tmp_path):
     run_dir = tmp_path / "killed"
     args = [*TASK, "--batch-size", "2", "--out", run_dir]
-    agents = _dyn_nodes(_free_port(), args)
+    agents = _dyn_nodes(free_port(), args)
     checkpoint = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + 60
     first = None  # the step-0 checkpoint's inode; a new one means the checkpoint at step 10 is written
@@ -211,7 +205,7 @@ def test_a_two_node_run_killed_on_both_nodes_resumes_exactly(runs, tmp_path):
     alone = CliRunner().invoke(record, ["--resume", str(run_dir)])  # on one process: refused, naming the fix
     assert alone.exit_code == 2 and "resume it on as many (--nnodes 2" in alone.output, alone.output
 
-    _finish(_dyn_nodes(_free_port(), ["--resume", run_dir]))
+    _finish(_dyn_nodes(free_port(), ["--resume", run_dir]))
     whole, done = runs["two"], load_run(run_dir)
     assert done.status == "finished"
     for table in ("metrics", "steps", "layers", "eval"):
@@ -222,8 +216,8 @@ def test_a_two_node_run_killed_on_both_nodes_resumes_exactly(runs, tmp_path):
 
 def test_a_rendezvous_that_cannot_form_is_one_line_exit_1(tmp_path):
     cases = {
-        "alone": (f"127.0.0.1:{_free_port()}", "the 2 nodes did not all join at 127.0.0.1:"),  # no other node
-        "nowhere": (f"nohost.invalid:{_free_port()}", "could not reach the rendezvous at nohost.invalid:"),
+        "alone": (f"127.0.0.1:{free_port()}", "the 2 nodes did not all join at 127.0.0.1:"),  # no other node
+        "nowhere": (f"nohost.invalid:{free_port()}", "could not reach the rendezvous at nohost.invalid:"),
     }
     procs = {
         name: _start(

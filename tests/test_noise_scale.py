@@ -9,21 +9,14 @@ worker, ``python tests/test_noise_scale.py RANK OUT_DIR``).
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import pickle
-import socket
-import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import save_load
+from helpers import run_scenarios, save_load, scenario_results, spawn_ranks
 
 from autoclip import AutoClip
 from dynamics import Recorder, load_run
@@ -291,27 +284,7 @@ SCENARIOS = {
 
 
 def _worker(rank: int, out_dir: Path) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                result = {"ok": scenario(rank, out_dir)}
-            except Exception:
-                result = {"error": traceback.format_exc()}
-            with open(out_dir / f"{name}.rank{rank}.pkl", "wb") as f:
-                pickle.dump(result, f)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    run_scenarios(rank, out_dir, WORLD, SCENARIOS, rank, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -319,46 +292,11 @@ def ddp(tmp_path_factory) -> Path:
     """The two workers, run once; the folder of their results."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out_dir = tmp_path_factory.mktemp("gns_ddp")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    procs = []
-    for rank in range(WORLD):
-        log = open(out_dir / f"rank{rank}.log", "wb")
-        command = [sys.executable, os.path.abspath(__file__), str(rank), str(out_dir)]
-        procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + 150
-    try:
-        while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p, _ in procs):  # one died: the other would wait forever
-                deadline = min(deadline, time.monotonic() + 5)
-            time.sleep(0.05)
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    return out_dir
+    return spawn_ranks(__file__, tmp_path_factory.mktemp("gns_ddp"), WORLD, 150)
 
 
 def _results(out_dir: Path, name: str) -> list[dict]:
-    results = []
-    for rank in range(WORLD):
-        path = out_dir / f"{name}.rank{rank}.pkl"
-        if not path.exists():
-            log = (out_dir / f"rank{rank}.log").read_text(errors="replace")[-4000:]
-            pytest.fail(f"scenario {name!r} left no result on rank {rank}; worker log:\n{log}")
-        result = pickle.loads(path.read_bytes())
-        if "error" in result:
-            pytest.fail(f"scenario {name!r} raised on rank {rank}:\n{result['error']}")
-        results.append(result["ok"])
-    return results
+    return scenario_results(out_dir, name, WORLD)
 
 
 def test_noise_scale_from_the_ranks_is_the_estimator_and_converges_to_the_closed_form(ddp):
