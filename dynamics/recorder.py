@@ -498,8 +498,7 @@ class Recorder:
         results, moved = self._measure(active, closure, info, state)
         transfer = HostTransfer(self.device)
         moved_slot = transfer.add(moved)
-        losses = transfer.add(distributed.mean(torch.stack(self._losses).double()))
-        steps = {k: transfer.add(stacked(v, self.device)) for k, v in self._pending.items() if on_device(v)}
+        steps = self._pack_steps(transfer)
         row = {
             "grad_norm": info.grad_norm,
             "threshold": info.threshold,
@@ -521,7 +520,7 @@ class Recorder:
                 "ctx.params as they are; evaluate elsewhere with ctx.prober.at(theta) or on copies"
             )
         self._clipped_since, self._steps_since = 0, 0
-        self._flush_steps(host[losses].tolist(), {name: host[slot] for name, slot in steps.items()})
+        self._flush_steps(host, steps)
         if self.rank != 0:
             return
         row.update({name: host[slot][0].item() for name, slot in slots.items()})
@@ -532,7 +531,7 @@ class Recorder:
             "step": [self.t],
             "epoch": [self.epoch],
             "time_s": [self.elapsed],
-            "loss": [host[losses][-1].item()],
+            "loss": [host[steps[0]][-1].item()],
             **{name: [bool(value) if name == "clipped" else float(value)] for name, value in row.items()},
             "lr": [state.lr],
             **tables["metrics"],
@@ -620,21 +619,27 @@ class Recorder:
                     stacklevel=4,
                 )
 
+    def _pack_steps(self, transfer: HostTransfer) -> tuple[int, dict[str, int]]:
+        """Put the pending steps rows' device values in ``transfer``: the losses (averaged over ranks) and an
+        on-device clipper's ClipInfo fields. Returns their slots."""
+        losses = transfer.add(distributed.mean(torch.stack(self._losses).double()))
+        return losses, {k: transfer.add(stacked(v, self.device)) for k, v in self._pending.items() if on_device(v)}
+
     def _flush_steps(
-        self, losses: list[float] | None = None, device_values: dict[str, np.ndarray] | None = None, discard=False
+        self, host: list[np.ndarray] | None = None, slots: tuple[int, dict[str, int]] | None = None, discard=False
     ) -> None:
+        """Write the pending steps rows, from a record step's transfer (``host``, ``slots``) or, between
+        record steps (a checkpoint), from a transfer of their own; ``discard`` drops them."""
         if self._losses and not discard:
-            if losses is None:  # a checkpoint between record steps: its own transfer
+            if host is None:
                 transfer = HostTransfer(self.device)
-                slot = transfer.add(distributed.mean(torch.stack(self._losses).double()))
-                fields = {k: transfer.add(stacked(v, self.device)) for k, v in self._pending.items() if on_device(v)}
+                slots = self._pack_steps(transfer)
                 host = transfer.fetch()
-                losses = host[slot].tolist()
-                device_values = {k: host[s] for k, s in fields.items()}
+            losses, fields = slots
             if self.rank == 0:
-                rows = {**self._pending, "loss": losses}
-                for name, values in (device_values or {}).items():
-                    rows[name] = [bool(v) for v in values] if name == "clipped" else values.tolist()
+                rows = {**self._pending, "loss": host[losses].tolist()}
+                for name, slot in fields.items():
+                    rows[name] = [bool(v) for v in host[slot]] if name == "clipped" else host[slot].tolist()
                 self.run.write("steps", rows)
         self._losses = []
         self._pending = {k: [] for k in self._pending}
