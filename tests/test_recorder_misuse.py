@@ -447,3 +447,45 @@ def test_no_warning_for_a_plain_run(tmp_path):
         model, _, rec = sgd_recorder(tmp_path, every=2)
         train_recorded(rec, model, batches(2))
         rec.close()
+
+
+def test_an_on_device_autoclip_records_the_same_tables_as_the_host_path(tmp_path):
+    from helpers import tables_without_time
+
+    for on_device in (False, True):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        clipper = AutoClip(model.parameters(), p=30, on_device=on_device)
+        rec = Recorder(model, opt, tmp_path / str(on_device), every=5, clipper=clipper)
+        train_recorded(rec, model, batches(12))
+        rec.checkpoint()  # steps rows between record steps go through a transfer of their own
+        train_recorded(rec, model, batches(8, seed=3))
+        rec.close()
+    host, device = tables_without_time(tmp_path / "False"), tables_without_time(tmp_path / "True")
+    for table in host:
+        assert host[table].equals(device[table]), table
+    assert 0 < host["metrics"].clip_rate.max()
+
+
+def test_an_on_device_autoclip_makes_no_host_read_between_record_steps(tmp_path, monkeypatch):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    clipper = AutoClip(model.parameters(), p=30, on_device=True, nonfinite="zero")
+    rec = Recorder(model, opt, tmp_path / "run", every=5, clipper=clipper)
+    data = batches(5)
+    train_recorded(rec, model, data[:1])  # warm up outside the count
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, _name=name, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    train_recorded(rec, model, data[1:4])  # steps 2-4: none records
+    between = list(reads)
+    train_recorded(rec, model, data[4:])  # step 5 records
+    monkeypatch.undo()
+    rec.close()
+    assert between == [] and reads == ["tolist"]  # the one transfer of the record step
