@@ -42,12 +42,16 @@ def _expected(rows: list[list[float]], p: float) -> list[float]:
     return [float(np.percentile(row, p)) if row else math.inf for row in rows]
 
 
-@pytest.mark.parametrize("window", [None, 1, 5, 17])
-def test_percentiles_are_bit_identical_to_numpy_for_every_prefix(window):
-    rng = np.random.default_rng(0 if window is None else window)
+@pytest.mark.parametrize(
+    ("window", "pending"),
+    # pending 1, 4 and 7 merge the pending norms into the main row many times within the 60 pushes
+    [(None, 1024), (None, 1), (None, 4), (None, 7), (1, 1024), (5, 1024), (17, 1024)],
+)
+def test_percentiles_are_bit_identical_to_numpy_for_every_prefix(window, pending):
+    rng = np.random.default_rng(pending if window is None else window)
     groups = 3
     for p in PERCENTILES:
-        store = SortedHistories(groups, p, window)
+        store = SortedHistories(groups, p, window, pending=pending)
         assert store.percentiles().tolist() == [math.inf] * groups  # empty: inf
         rows: list[list[float]] = [[] for _ in range(groups)]
         for x in _stream(rng, 60, groups):
@@ -72,9 +76,10 @@ norms = st.one_of(st.floats(min_value=1e-300, max_value=1e300), st.sampled_from(
     st.lists(norms, min_size=1, max_size=40),
     st.floats(min_value=0.0, max_value=100.0),
     st.none() | st.integers(1, 12),
+    st.integers(1, 9),
 )
-def test_any_history_any_p_matches_numpy(history, p, window):
-    store = SortedHistories(1, p, window)
+def test_any_history_any_p_matches_numpy(history, p, window, pending):
+    store = SortedHistories(1, p, window, pending=pending)
     for n, x in enumerate(history, start=1):
         store.push(torch.tensor([x], dtype=torch.float64))
         kept = history[:n] if window is None else history[max(0, n - window) : n]
@@ -89,12 +94,13 @@ def test_single_norm_is_its_own_percentile_for_any_p():
 
 
 def test_history_grows_geometrically():
-    store = SortedHistories(1, 10.0)
+    store = SortedHistories(1, 10.0, pending=8)
     capacities = []
     for x in np.random.default_rng(1).lognormal(size=1000):
         store.push(torch.tensor([x], dtype=torch.float64))
         capacities.append(store._capacity)
-    # doubling from 64: 5 allocations for 1000 norms, so amortized O(1) allocation per step
+    # the main row, merged into every 8 norms, doubles from 64: 5 allocations for 1000 norms, so
+    # amortized O(1) allocation per step
     assert sorted(set(capacities)) == [64, 128, 256, 512, 1024]
     assert store.counts() == [1000]
     windowed = SortedHistories(1, 10.0, window=100)
@@ -106,8 +112,8 @@ def test_history_grows_geometrically():
 def test_load_then_push_matches_numpy_and_round_trips():
     rng = np.random.default_rng(2)
     first, second = rng.lognormal(size=30).tolist(), rng.lognormal(size=200).tolist()
-    for window in (None, 7):
-        store = SortedHistories(2, 25.0, window)
+    for window, pending in ((None, 1024), (None, 3), (7, 1024)):
+        store = SortedHistories(2, 25.0, window, pending=pending)
         store.load([first, first[:3]])
         for x in second:
             store.push(torch.tensor([x, x], dtype=torch.float64))
@@ -177,6 +183,23 @@ def test_step_reads_nothing_back_to_the_host(monkeypatch, kwargs):
     assert clip.nonfinite_steps == 1
     assert all(i.on_device for i in infos)
     assert [bool(i.finite) for i in infos] == [t != 3 for t in range(9)]
+
+
+def test_merging_pending_norms_into_the_main_row_reads_nothing_back_to_the_host(monkeypatch):
+    rng = np.random.default_rng(5)
+    stream = _stream(rng, 23, 2)
+    store = SortedHistories(2, 10.0, pending=3)  # 7 merges in 23 pushes
+    thresholds = []
+    with no_host_reads(monkeypatch):
+        for x in stream:
+            store.push(torch.from_numpy(x))
+            thresholds.append(store.percentiles())
+    rows: list[list[float]] = [[], []]
+    for x, got in zip(stream, thresholds, strict=True):
+        for k in range(2):
+            if np.isfinite(x[k]) and x[k] > 0:
+                rows[k].append(float(x[k]))
+        assert got.tolist() == _expected(rows, 10.0)
 
 
 def test_skip_is_plain_false_unless_the_policy_can_skip():
