@@ -87,7 +87,7 @@ print("|---|---|---|---|---|---|---|---|")
 for arm in ("autoclip-p10", "p100"):
     run, row = load_run(out / arm), rows[arm]
     steps, train_s = len(run.steps), float(run.metrics.time_s.iloc[-1])
-    cells = [arm, steps, f"{train_s:.0f}", f"{steps / train_s:.2f}"]
+    cells = [arm, steps, f"{train_s:.1f}", f"{steps / train_s:.2f}"]
     cells += [f"{float(row[k]):.4g}" for k in ("r_value", "final_loss", "step_size_cv", "final_si_sdri")]
     print("| " + " | ".join(map(str, cells)) + " |")
 print(f"\nstart to end of training: {seconds} s")
