@@ -137,7 +137,11 @@ class SortedHistories:
         torch.clamp(entering.expand(-1, span), source[:, 0:span], source[:, 1 : span + 1], out=target[:, 1 : span + 1])
 
     def _merge(self) -> None:
-        """Move the pending norms into the main row, each to its place in the merge (two scatters)."""
+        """Move the pending norms into the main row, each to its place in the merge (two scatters).
+
+        Every op here is deterministic on CUDA too (an int64 scatter_add_ and cumsum, scatters to
+        distinct columns), so torch.use_deterministic_algorithms(True) accepts it.
+        """
         waiting, main_span = self._waiting_span, self._span
         self._grow(main_span + waiting)
         ranks = self._ranks[:, 1 : waiting + 1]
