@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from autoclip import AutoClip, ClipInfo, NonFiniteGradientError, wrap
 from autoclip.autoclip import choose_on_device
-from autoclip.sorted_history import SortedHistories
+from autoclip.sorted_history import PENDING, SortedHistories
 
 # -- the sorted history against numpy.percentile --------------------------------------------------------
 
@@ -311,6 +311,18 @@ def test_both_paths_give_bit_identical_parameters_over_50_steps(name):
         entered = [i.grad_norm for i in host_infos if i.finite]
         window = kwargs.get("window") or len(entered)
         assert float(device_infos[-1].threshold) == float(np.percentile(entered[-window:], kwargs["p"]))
+
+
+@pytest.mark.parametrize("kwargs", [{"p": 10}, {"p": 25, "per_group": True}])
+def test_both_paths_stay_bit_identical_across_a_merge_of_the_pending_norms(kwargs):
+    data = _poisoned(batches(PENDING + 76))  # the device path merges its pending norms once
+    runs = {}
+    for on_device in (False, True):
+        model = make_model()
+        runs[on_device] = (model, train(model, data, clipper=_make(model, on_device, kwargs)))
+    (host_model, host_infos), (device_model, device_infos) = runs[False], runs[True]
+    assert _same_infos(device_infos, host_infos)
+    assert all(torch.equal(a, b) for a, b in zip(host_model.parameters(), device_model.parameters()))
 
 
 def test_both_paths_agree_under_wrap_and_grad_scaler():
