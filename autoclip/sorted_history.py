@@ -14,7 +14,9 @@ at it x, above it old[i - 1]), and inserting +inf changes nothing: a norm that m
   searchsorted(M, x), kept sorted beside it by the same clamp (r is monotone in x). Order
   statistic k of M + P is min(M[k - c], P[c]), c being how many of P's norms come before place k
   (one searchsorted over P's places in the merge, j + r_j). Every ``pending`` pushes (a count the
-  host keeps) P is merged into M by two scatters, O(len(M)): amortized O(len(M) / pending).
+  host keeps) P is merged into M by reading every order statistic of M + P at once, O(len(M) log
+  pending): amortized O(len(M) log(pending) / pending). No op scatters (under CUDA's deterministic
+  algorithms a scatter reads its indices back to the host, a sync).
 - A window is one row, with a ring of the last W norms in arrival order naming the oldest, which
   is removed as new[i] = old[i] if old[i] < y else old[i + 1] (removing +inf is a no-op): O(W).
 - Percentile: numpy's linear interpolation between the order statistics k = floor((n - 1) q)
@@ -39,7 +41,7 @@ from autoclip.percentile import check_p, check_window
 
 _MIN_CAPACITY = 64
 # Norms waiting beside the main row before a merge. A push costs O(PENDING), a merge O(history): at
-# 10^6 norms on one CPU thread a merge takes about 23 ms, 23 µs a step amortized, and the step's cost
+# 10^6 norms on one CPU thread a merge takes about 50 ms, 50 µs a step amortized, and the step's cost
 # no longer grows with the history (benchmarks/autoclip_overhead.py).
 PENDING = 1024
 
@@ -82,7 +84,7 @@ class SortedHistories:
     # -- the training step: no host read ---------------------------------------------------------
 
     @torch.no_grad()
-    def push(self, x: Tensor, valid: Tensor | None = None) -> None:
+    def push(self, x: Tensor, valid: Tensor | bool | None = None) -> None:
         """Append ``x[g]`` (shape [G], taken as float64) to history g where ``valid[g]``; a window forgets its oldest.
 
         Entries that are not finite or not positive never enter, whatever ``valid`` says.
@@ -90,6 +92,7 @@ class SortedHistories:
         x = x.to(device=self.device, dtype=torch.float64)
         entering = torch.where(x > 0, x, math.inf)  # NaN > 0 is False: zero, NaN and inf all become +inf
         if valid is not None:
+            valid = torch.as_tensor(valid, dtype=torch.bool, device=self.device)
             entering = torch.where(valid, entering, math.inf)
         entering = entering.unsqueeze(1)
         keep = entering.squeeze(1) < math.inf
@@ -126,7 +129,8 @@ class SortedHistories:
         else:
             self._insert(entering, span, self._sorted, self._spare)
             self._sorted, self._spare = self._spare, self._sorted
-        self._ring.scatter_(1, slot, torch.where(keep.unsqueeze(1), entering, oldest))
+        # the new norm into its slot by a where over the ring, not a scatter (see _merge)
+        torch.where((self._ring_columns == slot) & keep.unsqueeze(1), entering, self._ring, out=self._ring)
         self._arrived += keep
         self._count += keep & ~full
         self._span = span
@@ -137,22 +141,17 @@ class SortedHistories:
         torch.clamp(entering.expand(-1, span), source[:, 0:span], source[:, 1 : span + 1], out=target[:, 1 : span + 1])
 
     def _merge(self) -> None:
-        """Move the pending norms into the main row, each to its place in the merge (two scatters).
+        """Move the pending norms into the main row: the merged row is every order statistic, read at once.
 
-        Every op here is deterministic on CUDA too (an int64 scatter_add_ and cumsum, scatters to
-        distinct columns), so torch.use_deterministic_algorithms(True) accepts it.
+        Gathers, no scatter: on CUDA under torch.use_deterministic_algorithms a scatter becomes an
+        index_put_ that reads its indices' range back to the host, a sync.
         """
-        waiting, main_span = self._waiting_span, self._span
-        self._grow(main_span + waiting)
-        ranks = self._ranks[:, 1 : waiting + 1]
-        # pending norm j (column j) lands at column j + rank_j - 1; main column i at i + #{j: rank_j <= i}
-        below = torch.zeros((self.groups, main_span + 2), dtype=torch.int64, device=self.device)
-        below.scatter_add_(1, ranks, torch.ones_like(ranks)).cumsum_(1)
-        columns = torch.arange(1, main_span + 1, device=self.device) + below[:, 1 : main_span + 1]
-        self._spare.scatter_(1, columns, self._sorted[:, 1 : main_span + 1])
-        self._spare.scatter_(1, ranks + self._columns[:, 1 : waiting + 1] - 1, self._waiting[:, 1 : waiting + 1])
+        span = self._span + self._waiting_span
+        self._grow(span)
+        every = torch.arange(span, device=self.device).expand(self.groups, -1)
+        self._spare[:, 1 : span + 1] = self._order_statistics(every, past_count=True)
         self._sorted, self._spare = self._spare, self._sorted
-        self._span = main_span + waiting
+        self._span = span
         self._clear_pending()
 
     def _clear_pending(self) -> None:
@@ -184,8 +183,8 @@ class SortedHistories:
         lerp = torch.where(upper, b, a) + (b - a) * torch.where(upper, gamma - 1, gamma)
         return torch.where(n > 0, lerp, math.inf)
 
-    def _order_statistics(self, ranks: Tensor) -> Tensor:
-        """The values of the given 0-based ranks ([G, R]) in each history."""
+    def _order_statistics(self, ranks: Tensor, past_count: bool = False) -> Tensor:
+        """The values of the given 0-based ranks ([G, R]) in each history (+inf past its count)."""
         if self.window is not None:
             return self._sorted.gather(1, ranks + 1)
         # Pending column j sits at place j + rank_j - 2 of the merge (0-based), increasing in j. With c
@@ -193,6 +192,10 @@ class SortedHistories:
         # c + 1; searchsorted over the places + 2 gives c + 1 (column 0 counts as one, below any k + 2).
         places = self._ranks + self._columns
         waiting_column = torch.searchsorted(places, ranks + 2)
+        if past_count:
+            # Past a history's count (a merge reads every place) the pending row's padding counts too
+            # and c + 1 could point past its last column; that column is +inf, as the value there is.
+            waiting_column.clamp_(max=self.pending + 1)
         from_main = self._sorted.gather(1, ranks + 2 - waiting_column)
         return torch.minimum(from_main, self._waiting.gather(1, waiting_column))
 
@@ -244,6 +247,7 @@ class SortedHistories:
             for g, row in enumerate(rows):
                 ring[g, : len(row)] = torch.tensor(row, dtype=torch.float64)
             self._ring = ring.to(self.device)
+            self._ring_columns = torch.arange(self.window, device=self.device).unsqueeze(0)
             self._arrived = self._count.clone()
 
     def load_row(self, group: int, values: Iterable[float]) -> None:

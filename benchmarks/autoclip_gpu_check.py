@@ -3,10 +3,11 @@
 1. Sync check: with ``torch.cuda.set_sync_debug_mode("error")`` (any synchronizing CUDA call
    raises), 1,200 training steps of a small CUDA model run with AutoClip(on_device=True) in three
    settings: plain p=10; a window of 50; per-group with nonfinite="zero", with non-finite and
-   no-gradient steps mixed in (more steps than PENDING: pending norms merge inside the mode). The
-   recorded ClipInfo tensors are read once, after the loop, and every threshold is checked against
-   numpy.percentile of the norms that entered (bit for bit, float64). As a control, the host path
-   (on_device=False) must raise under the same mode.
+   no-gradient steps mixed in (more steps than PENDING: pending norms merge inside the mode); the
+   first two again under torch.use_deterministic_algorithms(True). The recorded ClipInfo tensors
+   are read once, after the loop, and every threshold is checked against numpy.percentile of the
+   norms that entered (bit for bit, float64). As a control, the host path (on_device=False) must
+   raise under the same mode.
 2. Cost: per clipping step on a ~1M-parameter model (10 Linear 316x316 layers), the device path
    vs the host path (heaps on the host, one read per step) vs a bare clip_grad_norm_, at
    histories of 10^3..10^6 norms: GPU time between CUDA events around each step (median), and
@@ -22,16 +23,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
-from autoclip import AutoClip
-from autoclip.sorted_history import PENDING
+# cuBLAS needs this set before it starts for torch.use_deterministic_algorithms (the last settings)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+import torch  # noqa: E402
+
+from autoclip import AutoClip  # noqa: E402
+from autoclip.sorted_history import PENDING  # noqa: E402
 
 HISTORY_SIZES = (10**3, 10**4, 10**5, 10**6)
 STEPS = PENDING + 176  # 1,200: a merge of the pending norms happens inside the sync mode
@@ -64,8 +69,19 @@ def small_model(device: torch.device) -> torch.nn.Module:
     ).to(device)
 
 
-def train(device: torch.device, make_clip: Callable[[torch.nn.Module], AutoClip], mode: str) -> tuple:
+def train(
+    device: torch.device, make_clip: Callable[[torch.nn.Module], AutoClip], mode: str, deterministic: bool = False
+) -> tuple:
     """STEPS steps under sync debug ``mode``; every 37th step has an inf loss, every 53rd no backward."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        return _train(device, make_clip, mode)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(device: torch.device, make_clip: Callable[[torch.nn.Module], AutoClip], mode: str) -> tuple:
     model = small_model(device)
     clip = make_clip(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, foreach=True)
@@ -119,11 +135,13 @@ def check_no_sync(device: torch.device) -> bool:
             on_device=True,
         ),
     }
+    # under torch.use_deterministic_algorithms a CUDA scatter reads its indices back (a sync): none may run
+    deterministic = {f"{name}, deterministic": settings[name] for name in ("p=10", "p=25, window=50")}
     ok = True
-    for name, make in settings.items():
+    for name, make in {**settings, **deterministic}.items():
         started = time.perf_counter()
         try:
-            clip, infos = train(device, make, "error")
+            clip, infos = train(device, make, "error", deterministic=name in deterministic)
         except RuntimeError as e:
             print(f"   {name:<36} FAIL: a sync inside the loop: {str(e).splitlines()[0]}")
             ok = False

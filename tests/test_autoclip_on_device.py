@@ -93,6 +93,14 @@ def test_single_norm_is_its_own_percentile_for_any_p():
         assert store.percentiles().item() == 2.5
 
 
+def test_push_takes_valid_as_a_plain_bool_too():
+    store = SortedHistories(1, 50.0)
+    store.push(torch.tensor([2.0], dtype=torch.float64), True)
+    store.push(torch.tensor([4.0], dtype=torch.float64), False)
+    store.push(torch.tensor([6.0], dtype=torch.float64), torch.tensor([True]))
+    assert store.values(0) == [2.0, 6.0] and store.percentiles().item() == 4.0
+
+
 def test_history_grows_geometrically():
     store = SortedHistories(1, 10.0, pending=8)
     capacities = []
@@ -200,6 +208,56 @@ def test_merging_pending_norms_into_the_main_row_reads_nothing_back_to_the_host(
             if np.isfinite(x[k]) and x[k] > 0:
                 rows[k].append(float(x[k]))
         assert got.tolist() == _expected(rows, 10.0)
+
+
+# aten ops that read a CUDA tensor back to the host: item, nonzero and masked_select always; a scatter
+# or index_put_ when torch.use_deterministic_algorithms routes it through a sort that checks its
+# indices' range on the host
+READ_BACK_ON_CUDA = {
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::index_put_",
+    "aten::scatter",
+    "aten::scatter_",
+    "aten::scatter_add",
+    "aten::scatter_add_",
+    "aten::scatter_reduce_",
+    "aten::index_copy_",
+}
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_push_merge_and_percentiles_use_no_op_that_reads_back_on_cuda(window):
+    store = SortedHistories(2, 10.0, window, pending=3)
+    stream = _stream(np.random.default_rng(6), 20, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for x in stream:
+            store.push(torch.from_numpy(x), torch.tensor([True, False]))
+            store.percentiles()
+    ops = {event.name for event in prof.events()}
+    assert "aten::searchsorted" in ops or "aten::clamp" in ops  # the profiler saw the store's ops
+    assert not ops & READ_BACK_ON_CUDA
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"p": 10}, {"p": 30, "window": 3}, {"p": 10, "per_group": True, "nonfinite": "zero"}]
+)
+def test_autoclip_step_on_device_uses_no_op_that_reads_back_on_cuda(kwargs):
+    model = make_model()
+    params = _two_groups(model) if kwargs.get("per_group") else model.parameters()
+    clip = AutoClip(params, on_device=True, **kwargs)
+    ops: set[str] = set()
+    for t, (x, y) in enumerate(batches(6)):
+        backward(model, x, y)
+        if t == 3:
+            next(model.parameters()).grad.view(-1)[0] = math.nan
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            clip.step()
+        ops |= {event.name for event in prof.events()}
+    assert "aten::clamp" in ops  # the profiler saw the history's insert
+    assert not ops & READ_BACK_ON_CUDA
 
 
 def test_skip_is_plain_false_unless_the_policy_can_skip():
