@@ -129,8 +129,10 @@ class SortedHistories:
         else:
             self._insert(entering, span, self._sorted, self._spare)
             self._sorted, self._spare = self._spare, self._sorted
-        # the new norm into its slot by a where over the ring, not a scatter (see _merge)
-        torch.where((self._ring_columns == slot) & keep.unsqueeze(1), entering, self._ring, out=self._ring)
+        # the new norm into its slot (none where it does not enter) by a where over the ring, not a
+        # scatter (see _merge)
+        slot = torch.where(keep.unsqueeze(1), slot, -1)
+        torch.where(self._ring_columns == slot, entering, self._ring, out=self._ring)
         self._arrived += keep
         self._count += keep & ~full
         self._span = span
