@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -267,3 +268,34 @@ def scenario_results(out_dir, name: str, world: int) -> list:
             pytest.fail(f"scenario {name!r} raised on rank {rank}:\n{result['error']}")
         results.append(result["ok"])
     return results
+
+
+# -- files and locks ---------------------------------------------------------------------------------
+
+
+def read_only_folder(parent: Path) -> Path | None:
+    """``parent/ro`` made mode 0o555 if no file can be created in it, else /sys if that refuses (root
+    ignores modes), else None."""
+    folder = Path(parent) / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            os.close(os.open(candidate / "dyn-probe", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except OSError:
+            return candidate
+        os.unlink(candidate / "dyn-probe")
+    return None
+
+
+def lock_is_free(run_dir: Path) -> bool:
+    """Whether nobody holds the run directory's lock (taken and released at once if free)."""
+    import fcntl
+
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return True

@@ -3,9 +3,6 @@ tensorboard's EventAccumulator and compared with the run's own tables (float32 i
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +12,7 @@ from click.testing import CliRunner
 from cli.export import export, masked_crc32c_many
 from dynamics import Recorder, load_run
 from dynamics.run import save_run
-from tests.helpers import batches, dyn_in_process, make_model
+from tests.helpers import batches, dyn_in_process, make_model, read_only_folder
 
 
 def record(run_dir, steps: int = 12, close: bool = True, name: str | None = None) -> Recorder:
@@ -143,18 +140,6 @@ def test_checksums_equal_tensorboards():
     assert masked_crc32c_many(chunks).tolist() == [masked_crc32c(c) for c in chunks]
 
 
-def read_only_folder(folder):
-    """``folder`` (mode 0o555) if this user cannot create files in it, else /sys if that refuses (root ignores
-    modes), else None."""
-    for candidate in (folder, Path("/sys")):
-        try:
-            os.close(os.open(candidate / "dyn-probe", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except OSError:
-            return candidate
-        os.unlink(candidate / "dyn-probe")
-    return None
-
-
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
@@ -165,10 +150,7 @@ def bad(tmp_path_factory):
     (root / "afile").write_text("x")
     (root / "taken" / "good").mkdir(parents=True)
     (root / "taken" / "good" / "notes.txt").write_text("the user's own")
-    ro = root / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    unwritable = read_only_folder(ro)
+    unwritable = read_only_folder(root)
     jobs = {
         "notrun": (root / "notrun", "--tensorboard", root / "tb1"),
         "damaged": (damaged, "--tensorboard", root / "tb2"),
@@ -180,7 +162,7 @@ def bad(tmp_path_factory):
         jobs["read_only"] = (good, "--tensorboard", unwritable / "dyn-tb")
     results = {key: dyn_in_process("export", *args) for key, args in jobs.items()}
     yield root, results
-    ro.chmod(0o755)
+    (root / "ro").chmod(0o755)
 
 
 @pytest.mark.parametrize(

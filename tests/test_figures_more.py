@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from helpers import read_only_folder  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from dynamics.run import Run, load_run, save_run  # noqa: E402
@@ -576,20 +577,6 @@ def test_disk_full_while_saving_is_one_line_exit_1(built, tmp_path, monkeypatch)
     assert r.exit_code == 1, (r.output, r.exception)
     assert r.stderr.count("\n") == 1 and "No space left on device" in r.stderr and "Traceback" not in r.output
     assert list(tmp_path.iterdir()) == []
-
-
-def read_only_folder(tmp_path: Path) -> Path | None:
-    """A folder no file can be created in: mode 0o555, or for root (who ignores modes) /sys."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    for candidate in (folder, Path("/sys")):
-        try:
-            os.close(os.open(candidate / "dyn-probe", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except OSError:
-            return candidate
-        os.unlink(candidate / "dyn-probe")
-    return None
 
 
 @pytest.fixture(scope="module")

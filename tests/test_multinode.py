@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import free_port
+from helpers import free_port, lock_is_free
 
 from cli.record import record
 from dynamics import load_run
@@ -154,18 +154,6 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _lock_is_free(run_dir: Path) -> bool:
-    import fcntl
-
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return True
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
 def test_a_two_node_run_killed_on_both_nodes_resumes_exactly(runs, tmp_path):
     run_dir = tmp_path / "killed"
@@ -200,7 +188,7 @@ def test_a_two_node_run_killed_on_both_nodes_resumes_exactly(runs, tmp_path):
             time.sleep(0.05)
     partial = load_run(run_dir)
     assert partial.status == "running" and 10 <= len(partial.steps) < 40
-    assert _lock_is_free(run_dir)
+    assert lock_is_free(run_dir)
 
     alone = CliRunner().invoke(record, ["--resume", str(run_dir)])  # on one process: refused, naming the fix
     assert alone.exit_code == 2 and "resume it on as many (--nnodes 2" in alone.output, alone.output

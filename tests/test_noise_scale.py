@@ -62,6 +62,17 @@ def estimator(small_grads: list[np.ndarray], b: int, state: dict) -> tuple[float
     return state["tr"] / state["g"], state["g"] / correction, state["tr"] / correction
 
 
+def expected_series(theta: np.ndarray, steps: int, parts: int, b: int) -> np.ndarray:
+    """``estimator`` at steps 1..steps, each from ``parts`` gradients of ``b`` examples at ``theta`` (the
+    quadratic's gradient, theta - mean x): rows (noise scale, |G|^2, tr Sigma)."""
+    state: dict = {}
+    rows = []
+    for step in range(1, steps + 1):
+        grads = [theta - examples(step, part, b).numpy().mean(axis=0) for part in range(parts)]
+        rows.append(estimator(grads, b, state))
+    return np.array(rows)
+
+
 def accumulate(rec: Recorder, model: Mean, step: int, n: int, b: int) -> None:
     """One optimizer step over ``n`` micro-batches of ``b`` examples, each loss scaled by 1/n."""
     rec.begin()
@@ -93,11 +104,7 @@ def micro_batch_run(run_dir: Path, steps: int, n: int, b: int, micro_batch_size:
 def test_noise_scale_from_micro_batches_is_the_estimator_and_converges_to_the_closed_form(tmp_path):
     steps, n, b = 40, 4, 4
     metrics, theta = micro_batch_run(tmp_path / "run", steps, n, b, micro_batch_size=b)
-    state, expected = {}, []
-    for step in range(1, steps + 1):
-        grads = [theta - examples(step, i, b).numpy().mean(axis=0) for i in range(n)]
-        expected.append(estimator(grads, b, state))
-    expected = np.array(expected)
+    expected = expected_series(theta, steps, n, b)
     np.testing.assert_allclose(metrics.gradient_noise_scale, expected[:, 0], rtol=1e-9)
     np.testing.assert_allclose(metrics.gns_grad_sq, expected[:, 1], rtol=1e-9)
     np.testing.assert_allclose(metrics.gns_trace_sigma, expected[:, 2], rtol=1e-9)
@@ -302,11 +309,7 @@ def _results(out_dir: Path, name: str) -> list[dict]:
 def test_noise_scale_from_the_ranks_is_the_estimator_and_converges_to_the_closed_form(ddp):
     theta = _results(ddp, "closed_form")[0]["theta"]
     metrics = load_run(ddp / "run").metrics
-    state, expected = {}, []
-    for step in range(1, DDP_STEPS + 1):
-        grads = [theta - examples(step, rank, DDP_BATCH).numpy().mean(axis=0) for rank in range(WORLD)]
-        expected.append(estimator(grads, DDP_BATCH, state))
-    expected = np.array(expected)
+    expected = expected_series(theta, DDP_STEPS, WORLD, DDP_BATCH)
     np.testing.assert_allclose(metrics.gradient_noise_scale, expected[:, 0], rtol=1e-9)
     np.testing.assert_allclose(metrics.gns_trace_sigma, expected[:, 2], rtol=1e-9)
     assert metrics.gradient_noise_scale.iloc[-1] == pytest.approx(SIGMA**2 * D / GAP**2, rel=0.05)

@@ -1,6 +1,5 @@
 """`dyn sweep` on submitit: its local executor for real, SLURM through stand-in sbatch/sacct/scancel, and bad input."""
 
-import fcntl
 import os
 import pickle
 import signal
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI_ENV, dyn, tables_without_time
+from helpers import CLI_ENV, dyn, lock_is_free, tables_without_time
 
 from dynamics import load_run
 
@@ -54,16 +53,6 @@ def _wait_for(condition, timeout=60.0, what="condition"):
 
 def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-
-
-def _lock_is_free(run_dir: Path) -> bool:
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return True
 
 
 def test_submitit_local_trains_each_run_as_a_job_and_a_rerun_skips_them(tmp_path):
@@ -111,7 +100,7 @@ def test_ctrl_c_cancels_the_submitted_jobs_and_leaves_the_runs_resumable(tmp_pat
     lines = err.strip().splitlines()
     assert lines[-1].startswith("dyn: interrupted (SIGINT): cancelled 2 submitted job(s); rerun the same dyn sweep")
     assert "Traceback" not in err
-    _wait_for(lambda: all(_lock_is_free(r) for r in runs), timeout=20, what="the cancelled runs to stop")
+    _wait_for(lambda: all(lock_is_free(r) for r in runs), timeout=20, what="the cancelled runs to stop")
     for r in runs:
         run = load_run(r)
         assert run.status == "running" and 0 < len(run.steps) < 100000  # stopped, resumable
