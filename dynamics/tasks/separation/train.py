@@ -187,5 +187,10 @@ def record(
         rec.log_eval(**task.evaluate())
     rec.close()
     if distributed.active():
+        # every rank waits for rank 0 to finish closing the run before any tears its process group
+        # down: a gloo rank that destroyed its group while rank 0 still wrote aborted at exit
+        # (SIGABRT, "terminate called without an active exception") about one run in eight, and
+        # torchrun then stopped the other node too
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return Path(out)
