@@ -219,7 +219,9 @@ class AutoClip(Clipper):
             norm = torch.stack([n.to(device=device, dtype=f64) for n in norms[1:]]) if len(norms) > 1 else None
             norm = total.reshape(1) if norm is None else norm
             finite = total < math.inf  # a norm is >= 0 or NaN
-            self._store.push(norm, finite)
+            # a non-finite norm never enters, so one history needs no mask; a group's finite norm
+            # must not enter on a step whose total is not finite
+            self._store.push(norm, finite if self.per_group else None)
         else:  # known on the host: nothing to measure, nothing enters, nothing to scale
             total = torch.zeros((), dtype=f64, device=device)
             norm = torch.zeros(len(self.histories), dtype=f64, device=device)

@@ -94,8 +94,8 @@ class SortedHistories:
         if valid is not None:
             valid = torch.as_tensor(valid, dtype=torch.bool, device=self.device)
             entering = torch.where(valid, entering, math.inf)
+        keep = entering < math.inf
         entering = entering.unsqueeze(1)
-        keep = entering.squeeze(1) < math.inf
         if self.window is None:
             self._push_pending(entering)
             self._count += keep

@@ -3,7 +3,6 @@ side, Fig. 1 drawn, the summary table filled from the runs, and a non-empty outp
 
 import hashlib
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,6 @@ def run_script(out: Path) -> subprocess.CompletedProcess:
         "THREADS": "1",
         "PYTHON": sys.executable,
         "EXTRA": TRIAL,
-        "PATH": os.environ["PATH"],
     }
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
