@@ -21,9 +21,9 @@ def choose_on_device(on_device: bool | None, device: torch.device, nonfinite: st
     """Whether AutoClip keeps its history on the parameters' device (``on_device=None`` decides here).
 
     The rule, from benchmarks/autoclip_overhead.py (CPU, one thread, a 1M-parameter model in 20
-    tensors, process CPU time per step over a bare clip_grad_norm_ of ~565 µs, at histories of
-    10^3 / 10^4 / 10^5 / 10^6 norms): the host path costs 1.03 / 1.00 / 0.99 / 0.99x, the device
-    path 1.52 / 1.46 / 1.44 / 1.50x. On the CPU reading a tensor is no wait, while the device path
+    tensors, process CPU time per step over a bare clip_grad_norm_ of ~556 µs, at histories of
+    10^3 / 10^4 / 10^5 / 10^6 norms): the host path costs 1.04 / 1.01 / 1.00 / 0.99x, the device
+    path 1.51 / 1.45 / 1.44 / 1.47x. On the CPU reading a tensor is no wait, while the device path
     pays about 50 small tensor ops per step, so the CPU takes the host path at every length. On any
     other device (CUDA, ...) the host path's read is a sync that stalls the launch queue every step,
     so the device path is taken. ``nonfinite="raise"`` must read the norm every step to raise, so it
